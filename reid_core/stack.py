@@ -1,0 +1,520 @@
+"""The embedded default: a loopback S3 server, an MLflow server and a local Ray head on one machine.
+
+    python -m reid_core.stack up [--root .stack]      # start what is not running, wait until each answers
+    python -m reid_core.stack status                  # what runs, where, and whether it answers
+    python -m reid_core.stack down                    # stop exactly the processes `up` started (by PID)
+    python -m reid_core.stack env                     # the KEY=VALUE lines of .stack/env
+    python -m reid_core.stack runtime-env             # JSON for `ray job submit --runtime-env-json`
+
+Everything binds to 127.0.0.1 (a non-loopback host is refused). State lives under the root folder (default
+``.stack/``): ``state.json`` (PIDs, start times, ports), ``env`` (the endpoints, sourced by the Makefile and read by
+jobs when nothing else is configured), ``logs/``, the MLflow sqlite store ``mlflow.db`` and its artifacts
+``mlartifacts/``. The S3 server (moto) keeps its objects in memory: they last as long as the stack.
+
+Ray's token authentication stays on, as on a cluster: the token lives in ``<root>/ray_auth_token`` and every client
+(the CLI, job drivers, tests) finds it through ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` from ``env``.
+
+Tests use the same ``Stack`` class on free ports (see ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+SERVICES = ("s3", "mlflow", "ray")
+DEFAULT_BUCKET = "reid-data"
+# Dummy credentials for the loopback S3 server (moto accepts any); real clusters use instance roles.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+class StackError(RuntimeError):
+    """A service of the embedded stack could not be started or does not answer."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _check_loopback(host: str) -> str:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise StackError(
+            f"refusing to bind the embedded stack to {host!r}: it has no authentication for S3 or MLflow and must "
+            "stay on the loopback interface (127.0.0.1). Use a real cluster for anything else."
+        )
+    return host
+
+
+@dataclass
+class Ports:
+    s3: int
+    mlflow: int
+    ray_gcs: int
+    ray_dashboard: int
+    ray_client: int
+    ray_dashboard_agent: int
+    ray_runtime_env_agent: int
+    ray_metrics: int
+    ray_node_manager: int
+    ray_object_manager: int
+
+    @classmethod
+    def fixed(cls) -> Ports:
+        """The ports of the user-facing demo stack: the usual ones where the tools expect them."""
+        return cls(
+            s3=9000,
+            mlflow=5000,
+            ray_gcs=6379,
+            ray_dashboard=8265,
+            ray_client=10001,
+            ray_dashboard_agent=free_port(),
+            ray_runtime_env_agent=free_port(),
+            ray_metrics=free_port(),
+            ray_node_manager=free_port(),
+            ray_object_manager=free_port(),
+        )
+
+    @classmethod
+    def free(cls) -> Ports:
+        """All free ports (tests, or a second stack next to the demo's)."""
+        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class ProcessRecord:
+    pid: int
+    create_time: float
+    cmd: list[str]
+    log: str
+
+    def alive(self) -> bool:
+        """True when the PID still belongs to the process we started (PIDs are reused)."""
+        import psutil
+
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.create_time) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+@dataclass
+class Stack:
+    root: Path = Path(".stack")
+    host: str = LOOPBACK
+    ports: Ports | None = None
+    bucket: str = DEFAULT_BUCKET
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    services: tuple[str, ...] = SERVICES
+    start_timeout: float = 90.0
+    processes: dict[str, ProcessRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+        _check_loopback(self.host)
+        unknown = set(self.services) - set(SERVICES)
+        if unknown:
+            raise StackError(f"unknown stack services {sorted(unknown)}; valid: {', '.join(SERVICES)}")
+
+    # ----------------------------------------------------------------------------------------------- state
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.root / "env"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def _load_state(self) -> bool:
+        if not self.state_file.is_file():
+            return False
+        state = json.loads(self.state_file.read_text())
+        self.ports = Ports(**state["ports"])
+        self.bucket = state.get("bucket", self.bucket)
+        self.processes = {k: ProcessRecord(**v) for k, v in state["processes"].items()}
+        return True
+
+    def _save_state(self) -> None:
+        state = {
+            "ports": asdict(self.ports),
+            "bucket": self.bucket,
+            "processes": {k: asdict(v) for k, v in self.processes.items()},
+        }
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    # ------------------------------------------------------------------------------------------- endpoints
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.host}:{self.ports.s3}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{self.host}:{self.ports.mlflow}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.host}:{self.ports.ray_gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.ports.ray_dashboard}"
+
+    @property
+    def ray_token_path(self) -> Path:
+        return self.root / "ray_auth_token"
+
+    @property
+    def data_url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    def env(self) -> dict[str, str]:
+        """What clients need to reach this stack: written to ``<root>/env``."""
+        out: dict[str, str] = {}
+        if "s3" in self.services:
+            out.update(
+                AWS_ENDPOINT_URL=self.s3_endpoint,
+                AWS_DEFAULT_REGION="us-east-1",
+                REID_DATA_BUCKET=self.bucket,
+                **S3_TEST_CREDENTIALS,
+            )
+        if "mlflow" in self.services:
+            out["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        if "ray" in self.services:
+            out.update(
+                RAY_ADDRESS=self.ray_address,
+                RAY_API_SERVER_ADDRESS=self.dashboard_url,
+                RAY_AUTH_MODE="token",
+                RAY_AUTH_TOKEN_PATH=str(self.ray_token_path),
+            )
+        return out
+
+    def runtime_env(self) -> dict:
+        """``--runtime-env-json`` for ``ray job submit`` to this stack: environment variables of the submitting shell
+        do not reach the job's workers, so the endpoints (and the CPU accelerator for DeepSpeed) travel here."""
+        env = {k: v for k, v in self.env().items() if not k.startswith("RAY_")}
+        env["DS_ACCELERATOR"] = "cpu"
+        return {"env_vars": env, "excludes": RUNTIME_ENV_EXCLUDES}
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def up(self) -> None:
+        """Start every service that is not already running; wait until each answers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        if self._load_state():
+            running = {name for name, rec in self.processes.items() if rec.alive()}
+            if running >= set(self.services) and not self._unanswered():
+                log.info("stack already up under %s", self.root)
+                return
+            # Something died: stop the rest so that a fresh start gets consistent ports and state.
+            log.warning("stack under %s is partly down (running: %s); restarting it", self.root, sorted(running))
+            self.down()
+        if self.ports is None:
+            self.ports = Ports.fixed() if self._default_ports_free() else Ports.free()
+        self.processes = {}
+        try:
+            for name in self.services:
+                getattr(self, f"_start_{name}")()
+                self._save_state()
+            self.env_file.write_text("".join(f"export {k}={v}\n" for k, v in self.env().items()))
+        except BaseException:
+            self.down()
+            raise
+
+    def _default_ports_free(self) -> bool:
+        for port in (9000, 5000, 6379, 8265, 10001):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((self.host, port))
+                except OSError:
+                    return False
+        return True
+
+    def down(self) -> None:
+        """Stop exactly the processes this stack started (each in its own process group), then forget them."""
+        if not self.processes:
+            self._load_state()
+        for name, rec in reversed(list(self.processes.items())):
+            if rec.alive():
+                log.info("stopping %s (pid %d)", name, rec.pid)
+                _stop_group(rec.pid)
+        self.processes = {}
+        for path in (self.state_file, self.env_file):
+            path.unlink(missing_ok=True)
+
+    def status(self) -> dict[str, dict]:
+        if not self.processes and not self._load_state():
+            return {}
+        answering = {name: self._answers(name) for name in self.processes}
+        return {
+            name: {"pid": rec.pid, "alive": rec.alive(), "answers": answering[name], "log": rec.log}
+            for name, rec in self.processes.items()
+        }
+
+    def _unanswered(self) -> list[str]:
+        return [name for name in self.services if not self._answers(name)]
+
+    def _answers(self, name: str) -> bool:
+        url = {
+            "s3": self.s3_endpoint + "/",
+            "mlflow": self.mlflow_uri + "/health",
+            "ray": self.dashboard_url + "/api/version",
+        }[name]
+        return _http_ok(url, any_status=(name == "s3"), token=self._ray_token() if name == "ray" else None)
+
+    # ------------------------------------------------------------------------------------------- services
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> ProcessRecord:
+        import psutil
+
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,  # its own process group: `down` stops it and its children, nothing else
+            )
+        rec = ProcessRecord(proc.pid, psutil.Process(proc.pid).create_time(), cmd, str(log_path))
+        self.processes[name] = rec
+        return rec
+
+    def _wait(self, name: str, rec: ProcessRecord, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if ready():
+                log.info("%s is up (pid %d)", name, rec.pid)
+                return
+            if not rec.alive():
+                raise StackError(f"{name} exited during start-up; last lines of {rec.log}:\n{_tail(rec.log)}")
+            time.sleep(0.25)
+        raise StackError(
+            f"{name} did not answer within {self.start_timeout:.0f} s; last lines of {rec.log}:\n{_tail(rec.log)}"
+        )
+
+    def _start_s3(self) -> None:
+        cmd = [_bin("moto_server"), "-H", self.host, "-p", str(self.ports.s3)]
+        rec = self._spawn("s3", cmd)
+        self._wait("s3 (moto)", rec, lambda: _http_ok(self.s3_endpoint + "/", any_status=True))
+        self._create_bucket()
+
+    def _create_bucket(self) -> None:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if self.bucket not in existing:
+            client.create_bucket(Bucket=self.bucket)
+
+    def _start_mlflow(self) -> None:
+        artifacts = self.root / "mlartifacts"
+        artifacts.mkdir(exist_ok=True)
+        cmd = [
+            _bin("mlflow"), "server",
+            "--host", self.host,
+            "--port", str(self.ports.mlflow),
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            # Artifacts go through the server (mlflow-artifacts:/ URIs), so remote Ray workers can log them too.
+            "--serve-artifacts",
+            "--artifacts-destination", str(artifacts),
+            # One worker process: sqlite allows one writer; the server serialises concurrent clients.
+            "--workers", "1",
+        ]  # fmt: skip
+        rec = self._spawn("mlflow", cmd)
+        self._wait("mlflow", rec, lambda: _http_ok(self.mlflow_uri + "/health"))
+
+    def _start_ray(self) -> None:
+        p = self.ports
+        temp_dir = Path("/tmp") / f"ray-dcr-{p.ray_gcs}"  # short: Ray's unix socket paths must stay < 108 bytes
+        cmd = [
+            _bin("ray"), "start", "--head", "--block",
+            f"--node-ip-address={self.host}",
+            f"--port={p.ray_gcs}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            f"--dashboard-host={self.host}",
+            f"--dashboard-port={p.ray_dashboard}",
+            f"--ray-client-server-port={p.ray_client}",
+            f"--dashboard-agent-listen-port={p.ray_dashboard_agent}",
+            f"--runtime-env-agent-port={p.ray_runtime_env_agent}",
+            f"--metrics-export-port={p.ray_metrics}",
+            f"--node-manager-port={p.ray_node_manager}",
+            f"--object-manager-port={p.ray_object_manager}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        env = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # The jobs' processes find the venv's python and console scripts first.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+        if not self.ray_token_path.exists():
+            import secrets
+
+            self.ray_token_path.write_text(secrets.token_hex(32))
+            self.ray_token_path.chmod(0o600)
+        rec = self._spawn("ray", cmd, env)
+        self._wait("ray", rec, lambda: _http_ok(self.dashboard_url + "/api/version", token=self._ray_token()))
+
+    def _ray_token(self) -> str | None:
+        return self.ray_token_path.read_text().strip() if self.ray_token_path.exists() else None
+
+
+def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
+    """Put the embedded stack's endpoints (``<root>/env``) into ``os.environ`` where nothing is set yet.
+
+    Jobs call this first: a user's own settings (or a cluster's) always win; without a stack it does nothing.
+    Returns what it set.
+    """
+    from reid_core.storage import read_env_file
+
+    applied = {k: v for k, v in read_env_file(Path(root) / "env").items() if k not in os.environ}
+    os.environ.update(applied)
+    return applied
+
+
+RUNTIME_ENV_EXCLUDES = [
+    ".stack/", ".venv/", ".git/", "/data/", "*.db", ".env", "mlruns/", "**/__pycache__/", ".pytest_cache/",
+    ".ruff_cache/", ".hypothesis/", "*.egg-info/",
+]  # fmt: skip
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (the venv), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name!r} is not installed in {Path(sys.executable).parent} or on PATH: run `make setup`")
+    return found
+
+
+def _http_ok(url: str, any_status: bool = False, timeout: float = 2.0, token: str | None = None) -> bool:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return 200 <= r.status < 300 or any_status
+    except urllib.error.HTTPError:
+        return any_status
+    except (OSError, ValueError):
+        return False
+
+
+def _stop_group(pid: int, timeout: float = 20.0) -> None:
+    """Stop the process group led by ``pid``: SIGTERM to the leader first (``ray start --block`` then shuts its node
+    down in seconds, while SIGTERM to every Ray process at once takes ~40 s), then the group, then SIGKILL."""
+    for sig, target, wait in ((signal.SIGTERM, "leader", timeout), (signal.SIGTERM, "group", 5.0),
+                              (signal.SIGKILL, "group", 5.0)):  # fmt: skip
+        if not _group_alive(pid):
+            return
+        try:
+            os.kill(pid, sig) if target == "leader" else os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(pid):
+            time.sleep(0.2)
+        if _group_alive(pid):
+            log.warning("process group %d still running %.0f s after %s to the %s", pid, wait, sig.name, target)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:  # reap the leader if it is our child: a zombie still counts as a group member for killpg
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reid_core.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "runtime-env"])
+    parser.add_argument("--root", default=".stack", help="state folder (default .stack)")
+    parser.add_argument("--host", default=LOOPBACK, help="bind address; loopback only")
+    parser.add_argument("--bucket", default=DEFAULT_BUCKET)
+    parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of s3,mlflow,ray")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        stack = Stack(root=Path(args.root), host=args.host, bucket=args.bucket,
+                      services=tuple(s for s in args.services.split(",") if s))  # fmt: skip
+        if args.command == "up":
+            stack.up()
+            print(f"stack up under {stack.root}")
+            for k, v in stack.env().items():
+                print(f"  {k}={v}")
+            print(f"  MLflow UI: {stack.mlflow_uri}   Ray dashboard: {stack.dashboard_url}")
+        elif args.command == "down":
+            stack.down()
+            print("stack down")
+        elif args.command == "status":
+            status = stack.status()
+            if not status:
+                print(f"no stack under {stack.root}")
+                return 1
+            for name, s in status.items():
+                state = "answers" if s["answers"] else ("running, not answering" if s["alive"] else "DEAD")
+                print(f"{name:7s} pid {s['pid']:<7d} {state:24s} log {s['log']}")
+            return 0 if all(s["answers"] for s in status.values()) else 1
+        elif args.command in ("env", "runtime-env"):
+            if not stack._load_state():
+                print(f"no stack under {stack.root}: run `python -m reid_core.stack up`", file=sys.stderr)
+                return 1
+            if args.command == "env":
+                print("".join(f"{k}={v}\n" for k, v in stack.env().items()), end="")
+            else:
+                print(json.dumps(stack.runtime_env()))
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Object storage: the only module that talks to s3fs / boto3.
+
+Every path in the project is a URL: ``s3://bucket/key`` or a local path (``/data/msmt17``, ``file:///data``).
+Endpoint and credentials come from, in order: explicit arguments (the job's config), the standard AWS environment
+variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``), then the embedded stack's ``.stack/env`` file when one exists in the working directory.
+Credentials are never read from files in the repository; on a cluster they come from the instance profile / IRSA
+(botocore's default chain) when no variable is set.
+
+s3fs is not fork-safe: create filesystems in the process that uses them (``filesystem()`` caches per process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+STACK_ENV_FILE = Path(".stack") / "env"
+
+
+class StorageError(RuntimeError):
+    """A storage location is unreachable, missing or refused; the message names the endpoint and bucket."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 is and how to reach it. ``endpoint_url=None`` means AWS itself (botocore's default resolution)."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    key: str | None = None
+    secret: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+
+    def describe(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def read_env_file(path: str | os.PathLike = STACK_ENV_FILE) -> dict[str, str]:
+    """Parse a ``KEY=VALUE`` file (``export`` prefixes, comments and quotes allowed); missing file -> {}."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip("'\"")
+    return out
+
+
+def _env(name: str, stack_env: dict[str, str]) -> str | None:
+    return os.environ.get(name) or stack_env.get(name) or None
+
+
+def resolve_settings(endpoint_url: str | None = None, region: str | None = None) -> S3Settings:
+    """Settings from explicit values, then the AWS environment variables, then ``.stack/env``."""
+    stack_env = {} if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") else read_env_file()
+    endpoint = endpoint_url or _env("AWS_ENDPOINT_URL_S3", stack_env) or _env("AWS_ENDPOINT_URL", stack_env)
+    return S3Settings(
+        endpoint_url=endpoint,
+        region=region or _env("AWS_DEFAULT_REGION", stack_env) or _env("AWS_REGION", stack_env) or "us-east-1",
+        key=_env("AWS_ACCESS_KEY_ID", stack_env),
+        secret=_env("AWS_SECRET_ACCESS_KEY", stack_env),
+    )
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an S3 URL: {url!r} (expected s3://bucket/key)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with ``/``."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+_FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def s3_filesystem(settings: S3Settings | None = None):
+    """An ``s3fs.S3FileSystem`` for ``settings`` (cached per process: s3fs is not fork-safe)."""
+    import s3fs
+
+    settings = settings or resolve_settings()
+    cache_key = ("s3", os.getpid(), settings)
+    fs = _FS_CACHE.get(cache_key)
+    if fs is None:
+        client_kwargs = {"region_name": settings.region}
+        if settings.endpoint_url:
+            client_kwargs["endpoint_url"] = settings.endpoint_url
+        fs = s3fs.S3FileSystem(
+            key=settings.key,
+            secret=settings.secret,
+            client_kwargs=client_kwargs,
+            config_kwargs={
+                "connect_timeout": settings.connect_timeout,
+                "read_timeout": settings.read_timeout,
+                "retries": {"max_attempts": settings.max_attempts, "mode": "standard"},
+            },
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+        _FS_CACHE[cache_key] = fs
+    return fs
+
+
+def filesystem(url: str, settings: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for an ``s3://`` URL or a local path."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        return s3_filesystem(settings), f"{bucket}/{key}".rstrip("/")
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    if "://" in url:
+        raise StorageError(f"unsupported URL scheme in {url!r}: use s3://bucket/key or a local path")
+    return fsspec.filesystem("file"), os.path.abspath(url)
+
+
+def _wrap(exc: Exception, url: str, settings: S3Settings | None) -> StorageError:
+    if not is_s3(url):
+        return StorageError(f"{url}: {exc}")
+    bucket, _ = split_s3(url)
+    settings = settings or resolve_settings()
+    reason = _describe_s3_error(exc)
+    return StorageError(f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})")
+
+
+def _describe_s3_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "specified bucket does not exist" in lowered:
+        return "bucket does not exist"
+    if any(s in lowered for s in ("could not connect", "connect timeout", "connection refused", "endpointconnection")):
+        return "endpoint is unreachable"
+    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden")):
+        return "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
+    if isinstance(exc, FileNotFoundError):
+        return "object not found"
+    return f"request failed ({text})"
+
+
+def read_bytes(url: str, settings: S3Settings | None = None) -> bytes:
+    fs, path = filesystem(url, settings)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise _wrap(exc, url, settings) from exc
+
+
+def write_bytes(url: str, data: bytes, settings: S3Settings | None = None) -> None:
+    fs, path = filesystem(url, settings)
+    try:
+        if not is_s3(url):
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, data)
+    except Exception as exc:
+        raise _wrap(exc, url, settings) from exc
+
+
+def write_many(files: dict[str, bytes], settings: S3Settings | None = None, batch_size: int = 64) -> None:
+    """Write many objects with up to ``batch_size`` requests in flight (s3fs's async ``pipe``); local paths too."""
+    if not files:
+        return
+    first = next(iter(files))
+    fs, _ = filesystem(first, settings)
+    payload = {filesystem(u, settings)[1]: data for u, data in files.items()}
+    try:
+        if is_s3(first):
+            fs.pipe(payload, batch_size=batch_size)
+        else:
+            for path, data in payload.items():
+                fs.makedirs(os.path.dirname(path), exist_ok=True)
+                fs.pipe_file(path, data)
+    except Exception as exc:
+        raise _wrap(exc, first, settings) from exc
+
+
+def read_many(urls: Iterable[str], settings: S3Settings | None = None, batch_size: int = 64) -> dict[str, bytes]:
+    """Read many objects with up to ``batch_size`` requests in flight (s3fs's async ``cat``).
+
+    Returns {url: bytes}. A missing object raises ``FileNotFoundError`` naming it; nothing is dropped silently.
+    """
+    urls = list(urls)
+    if not urls:
+        return {}
+    fs, _ = filesystem(urls[0], settings)
+    paths = {filesystem(u, settings)[1]: u for u in urls}
+    try:
+        got = fs.cat(list(paths), batch_size=batch_size, on_error="return")
+    except Exception as exc:
+        raise _wrap(exc, urls[0], settings) from exc
+    out: dict[str, bytes] = {}
+    for path, value in got.items():
+        url = paths[path] if path in paths else paths[path.rstrip("/")]
+        if isinstance(value, FileNotFoundError):
+            raise FileNotFoundError(f"object not found: {url}")
+        if isinstance(value, Exception):
+            raise _wrap(value, url, settings) from value
+        out[url] = value
+    return out
+
+
+def exists(url: str, settings: S3Settings | None = None) -> bool:
+    fs, path = filesystem(url, settings)
+    try:
+        return fs.exists(path)
+    except Exception as exc:
+        raise _wrap(exc, url, settings) from exc
+
+
+def list_files(url: str, settings: S3Settings | None = None) -> list[str]:
+    """All files below ``url`` (recursive), as URLs of the same kind, sorted."""
+    fs, path = filesystem(url, settings)
+    try:
+        found = fs.find(path)
+    except Exception as exc:
+        raise _wrap(exc, url, settings) from exc
+    if is_s3(url):
+        return sorted(f"s3://{p}" for p in found)
+    return sorted(found)
+
+
+def check_location(url: str, settings: S3Settings | None = None, *, must_exist: bool = False) -> None:
+    """Fail fast, with one clear line, when ``url``'s endpoint or bucket cannot be used.
+
+    For S3: the endpoint answers and the bucket exists (one HEAD bucket request, few retries, short timeouts);
+    with ``must_exist`` the object or prefix must exist too. For local paths: ``must_exist`` checks the path.
+    """
+    if not is_s3(url):
+        if must_exist and not os.path.exists(filesystem(url)[1]):
+            raise StorageError(f"path does not exist: {url}")
+        return
+    import botocore.config
+    import botocore.session
+
+    settings = settings or resolve_settings()
+    bucket, key = split_s3(url)
+    session = botocore.session.get_session()
+    client = session.create_client(
+        "s3",
+        region_name=settings.region,
+        endpoint_url=settings.endpoint_url,
+        aws_access_key_id=settings.key,
+        aws_secret_access_key=settings.secret,
+        config=botocore.config.Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2}),
+    )
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"S3 bucket does not exist: {bucket!r} (endpoint {settings.describe()})") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise StorageError(
+                f"S3 access denied to bucket {bucket!r} at {settings.describe()}: check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or the instance role"
+            ) from None
+        raise StorageError(
+            f"S3 endpoint {settings.describe()} is unreachable for bucket {bucket!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    if must_exist and key:
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/"), MaxKeys=1)
+        if not listing.get("KeyCount"):
+            raise StorageError(f"nothing found at {url} (endpoint {settings.describe()}, bucket {bucket!r})")
+
+
+def pyarrow_filesystem(settings: S3Settings | None = None):
+    """A ``pyarrow.fs`` filesystem for Ray Train's ``RunConfig(storage_filesystem=...)``.
+
+    pyarrow ignores ``AWS_ENDPOINT_URL_S3``, so the endpoint is passed explicitly.
+    """
+    from pyarrow import fs as pafs
+
+    settings = settings or resolve_settings()
+    kwargs: dict = {"region": settings.region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    if settings.key and settings.secret:
+        kwargs.update(access_key=settings.key, secret_key=settings.secret)
+    if settings.endpoint_url:
+        parsed = urlparse(settings.endpoint_url)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def ray_storage(url: str, settings: S3Settings | None = None) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's ``RunConfig``: S3 URLs go through ``pyarrow_filesystem``."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        return f"{bucket}/{key}".rstrip("/"), pyarrow_filesystem(settings)
+    return os.path.abspath(filesystem(url)[1]), None

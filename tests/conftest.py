@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded stack's real services on free loopback ports, started with the same code as
+``python -m reid_core.stack up`` and stopped by the session that started them."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from reid_core.stack import Ports, Stack
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _start(tmp_path_factory, name: str, services: tuple[str, ...]) -> Stack:
+    stack = Stack(root=tmp_path_factory.mktemp(name), ports=Ports.free(), services=services, bucket="reid-test")
+    stack.up()
+    return stack
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP endpoint (moto's server) on 127.0.0.1, with bucket ``reid-test``."""
+    stack = _start(tmp_path_factory, "s3", ("s3",))
+    yield stack
+    stack.down()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables pointing at the loopback S3 server (for this test only)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return s3_server.env()
+
+
+@pytest.fixture
+def s3_url(s3_env, s3_server, request):
+    """A fresh, empty ``s3://reid-test/<unique prefix>`` on the loopback S3 server."""
+    name = request.node.name.replace("[", "_").replace("]", "").replace("/", "_")[:60]
+    return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def services_stack(tmp_path_factory, s3_server):
+    """MLflow server (sqlite) and a Ray head on free loopback ports, next to ``s3_server``.
+
+    ``services_stack.full_env`` holds every variable a client needs (S3, MLflow, Ray with its auth token).
+    """
+    stack = _start(tmp_path_factory, "services", ("mlflow", "ray"))
+    stack.full_env = {**s3_server.env(), **stack.env()}
+    yield stack
+    stack.down()
