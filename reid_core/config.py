@@ -1,0 +1,283 @@
+"""Typed job configuration: dataclasses loaded from YAML, ``--set a.b=c`` overrides, validation with clear errors.
+
+Config stays at the edge (STYLE.md): jobs load it here, then pass plain values to library functions. Every error is a
+``ConfigError`` whose message names the file, the key and what was expected, raised before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LAYOUTS = ("msmt17", "market1501", "flima")
+GUIDANCE_MODES = ("paper", "weighted", "critic")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message says what to fix, and where."""
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    uri: str = "s3://reid-data/synthetic/msmt17"  # dataset root: s3://bucket/prefix or a local path
+    layout: str = "msmt17"  # msmt17 | market1501 | flima
+    split: str = "train"  # which split the GAN learns from
+    image_size: tuple[int, int] = (64, 32)  # (height, width) the images are resized to
+    max_images: int | None = None  # use only the first N records (smoke tests); None = all
+    on_bad_image: str = "raise"  # raise | skip (skips are counted and reported)
+
+
+@dataclass
+class GanModelConfig:
+    z_dim: int = 100
+    width: int = 64  # DC-GAN feature width (ngf = ndf)
+
+
+@dataclass
+class GuidanceConfig:
+    """Face guidance of the discriminator losses (METHOD.md §1); λ1 = λ2 = 0 is the plain DC-GAN."""
+
+    mode: str = "weighted"  # paper | weighted | critic
+    lambda1: float = 0.0  # weight of Δ on real images
+    lambda2: float = 0.0  # weight of Δ on generated images
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int = 64  # per worker
+    epochs: int = 100
+    g_steps: int = 2  # generator updates per discriminator update (the authors' recipe)
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers and the DeepSpeed engine settings they use."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
+
+
+@dataclass
+class RunConfig:
+    name: str = "gan"  # Ray Train run name: the same name resumes from its last checkpoint
+    storage: str = "s3://reid-data/ray-results"  # checkpoints and Ray's run state
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the job fails
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; None = MLFLOW_TRACKING_URI or the embedded stack's
+    experiment: str = "dcgan"
+    registered_model: str = "reid-dcgan-generator"
+    alias: str = "candidate"
+    num_samples: int = 64  # fixed-noise samples in the per-epoch grid
+
+
+@dataclass
+class StorageConfig:
+    """S3 endpoint; None = the standard AWS variables (AWS_ENDPOINT_URL...), then the embedded stack's .stack/env."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass
+class GanJobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GanModelConfig = field(default_factory=GanModelConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def validate(self) -> None:
+        check_choice("data.layout", self.data.layout, LAYOUTS)
+        check_choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
+        check_choice("guidance.mode", self.guidance.mode, GUIDANCE_MODES)
+        check_choice("scaling.precision", self.scaling.precision, PRECISIONS)
+        check_unit_interval("guidance.lambda1", self.guidance.lambda1)
+        check_unit_interval("guidance.lambda2", self.guidance.lambda2)
+        check_positive("optim.batch_size", self.optim.batch_size)
+        check_positive("optim.epochs", self.optim.epochs)
+        check_positive("optim.g_steps", self.optim.g_steps)
+        check_positive("optim.lr", self.optim.lr)
+        check_positive("scaling.num_workers", self.scaling.num_workers)
+        check_positive("scaling.cpus_per_worker", self.scaling.cpus_per_worker)
+        check_positive("model.z_dim", self.model.z_dim)
+        check_positive("model.width", self.model.width)
+        if self.scaling.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.scaling.zero_stage}")
+        if self.data.max_images is not None:
+            check_positive("data.max_images", self.data.max_images)
+        if not self.data.uri:
+            raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
+        from reid_core.models.dcgan import _stages
+
+        try:
+            _stages(self.data.image_size)
+        except ValueError as exc:
+            raise ConfigError(f"data.image_size: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def check_unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: {value} is outside [0, 1]")
+
+
+def check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: expected a positive value, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+T = typing.TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides, then validate it.
+
+    Values of overrides are parsed as YAML (``--set optim.lr=1e-3``, ``--set data.image_size=[128,64]``).
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (expected a YAML file, e.g. configs/demo.yaml)")
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    cfg = from_dict(cls, raw, where=source)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix: str = "") -> T:
+    """Recursively build dataclass ``cls`` from ``data``, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {full!r}{hint}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, full, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, where, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: {key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (for ``train_loop_config`` and MLflow params); ``from_dict`` rebuilds the dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
