@@ -1,0 +1,29 @@
+"""Face guidance for the DC-GAN (METHOD.md §1): the face detector Δ and the guided losses.
+
+- ``faces``: dlib's HOG frontal face detector over a thread pool -> Δ(x) (1 = no face), boxes, and face crops for
+  the Dual-Stream face stream.
+- ``losses``: discriminator and generator losses in the modes ``paper``, ``weighted`` (default) and ``critic``.
+"""
+
+from reid_core.guidance.faces import (
+    DEFAULT_SCORE_THRESHOLD,
+    FaceDetections,
+    FaceDetector,
+    face_crop,
+    face_crops,
+    upsample_for_height,
+)
+from reid_core.guidance.losses import GUIDANCE_MODES, discriminator_loss, generator_loss, validate_guidance
+
+__all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
+    "GUIDANCE_MODES",
+    "FaceDetections",
+    "FaceDetector",
+    "discriminator_loss",
+    "face_crop",
+    "face_crops",
+    "generator_loss",
+    "upsample_for_height",
+    "validate_guidance",
+]
