@@ -51,6 +51,7 @@ class GuidanceConfig:
     mode: str = "weighted"  # paper | weighted | critic
     lambda1: float = 0.0  # weight of Δ on real images
     lambda2: float = 0.0  # weight of Δ on generated images
+    detector_workers: int = 0  # dlib detector processes per training worker (0: in the training process)
 
 
 @dataclass
@@ -125,6 +126,8 @@ class GanJobConfig:
         check_positive("scaling.num_workers", self.scaling.num_workers)
         check_positive("scaling.cpus_per_worker", self.scaling.cpus_per_worker)
         check_positive("model.z_dim", self.model.z_dim)
+        if self.guidance.detector_workers < 0:
+            raise ConfigError(f"guidance.detector_workers: expected ≥ 0, got {self.guidance.detector_workers}")
         check_positive("model.width", self.model.width)
         if self.scaling.zero_stage not in (0, 1, 2):
             raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.scaling.zero_stage}")

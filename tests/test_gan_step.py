@@ -36,7 +36,7 @@ def test_gan_step_updates_both_networks_and_restores_d():
     d = TorchUpdater(disc, torch.optim.Adam(disc.parameters(), 2e-4, betas=(0.5, 0.999)))
     real = torch.rand(8, 3, *SIZE) * 2 - 1
     out = gan_step(g, d, real, z_dim=16, g_steps=2, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss_d", "loss_g", "d_real", "d_fake", "step_seconds"}
+    assert {"loss_d", "loss_g", "loss_d_penalised", "d_real", "d_fake", "face_absent_real", "step_seconds"} <= set(out)
     assert all(math.isfinite(v) for v in out.values())
     assert 0 < out["d_real"] < 1 and 0 < out["d_fake"] < 1
     assert changed(g0, gen) and changed(d0, disc)
@@ -90,3 +90,56 @@ def test_gan_step_with_two_deepspeed_engines(single_process_group, zero_stage):
         out = gan_step(*engines, torch.rand(4, 3, *SIZE) * 2 - 1, z_dim=16, g_steps=2)
         assert all(math.isfinite(v) for v in out.values())
     assert changed(g0, engines[0].module) and changed(d0, engines[1].module)
+
+
+def run_step(guidance, *, delta_real, delta_fake, critic=False, seed=0):
+    from reid_core.train.steps import Guidance  # noqa: F401 - imported for the callers' guidance objects
+
+    gen, disc = tiny_pair(seed)
+    g = TorchUpdater(gen, torch.optim.SGD(gen.parameters(), lr=0.05))
+    d = TorchUpdater(disc, torch.optim.SGD(disc.parameters(), lr=0.05))
+    c = None
+    if critic:
+        model = build_model("face_presence", channels=(4, 8), image_size=16)
+        c = TorchUpdater(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    real = torch.rand(6, 3, *SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    out = gan_step(g, d, real, z_dim=16, g_steps=2, generator=torch.Generator().manual_seed(3), guidance=guidance,
+                   face_absent_real=delta_real, detect_faces=lambda fake: delta_fake, critic=c)  # fmt: skip
+    return out, gen, disc, c
+
+
+def test_paper_mode_step_equals_plain_dcgan_but_logs_the_penalty():
+    from reid_core.train.steps import Guidance
+
+    delta_real, delta_fake = torch.tensor([1.0, 0, 1, 0, 1, 1]), torch.ones(6)
+    plain, g0, d0, _ = run_step(Guidance("weighted", 0.0, 0.0), delta_real=delta_real, delta_fake=delta_fake)
+    paper, g1, d1, _ = run_step(Guidance("paper", 0.05, 0.05), delta_real=delta_real, delta_fake=delta_fake)
+    for a, b in zip(list(g0.parameters()) + list(d0.parameters()), list(g1.parameters()) + list(d1.parameters()),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    assert paper["loss_d"] == pytest.approx(plain["loss_d"] - 0.05 * 4 / 6 + 0.05 * 1.0, abs=1e-5)
+    assert paper["face_absent_fake"] == 1.0 and paper["face_absent_real"] == pytest.approx(4 / 6)
+
+
+def test_weighted_mode_changes_the_discriminator_only_through_faceless_samples():
+    from reid_core.train.steps import Guidance
+
+    no_face_anywhere = dict(delta_real=torch.zeros(6), delta_fake=torch.zeros(6))
+    _, _, d_plain, _ = run_step(Guidance("weighted", 0.0, 0.0), **no_face_anywhere)
+    _, _, d_guided, _ = run_step(Guidance("weighted", 0.05, 0.05), **no_face_anywhere)
+    assert all(torch.equal(a, b) for a, b in zip(d_plain.parameters(), d_guided.parameters(), strict=True))
+    _, _, d_faceless, _ = run_step(Guidance("weighted", 0.05, 0.05), delta_real=torch.ones(6), delta_fake=torch.ones(6))
+    assert any(not torch.equal(a, b) for a, b in zip(d_plain.parameters(), d_faceless.parameters(), strict=True))
+
+
+def test_critic_mode_trains_the_scorer_and_pushes_the_generator():
+    from reid_core.train.steps import Guidance
+
+    args = dict(delta_real=torch.tensor([1.0, 0, 1, 0, 1, 0]), delta_fake=None, critic=True)
+    out, g_c, _, critic = run_step(Guidance("critic", 0.0, 0.5), **args)
+    assert math.isfinite(out["loss_critic"]) and 0 <= out["face_absent_fake"] <= 1
+    _, g_0, _, _ = run_step(Guidance("critic", 0.0, 0.0), **args)
+    # λ2 > 0 adds the face term to G's loss: the generator ends elsewhere than without it
+    assert any(not torch.equal(a, b) for a, b in zip(g_c.parameters(), g_0.parameters(), strict=True))
+    with pytest.raises(ValueError, match="needs the face-presence scorer"):
+        run_step(Guidance("critic", 0.0, 0.5), delta_real=torch.zeros(6), delta_fake=None, critic=False)

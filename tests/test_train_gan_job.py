@@ -47,6 +47,7 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
             "--set", f"data.uri={data}", "--set", "data.max_images=64", "--set", "optim.batch_size=8",
             "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=e2e-{tag}",
             "--set", f"tracking.registered_model={model_name}", "--set", "tracking.experiment=e2e",
+            "--set", "guidance.lambda1=0.05", "--set", "guidance.lambda2=0.05",
         ],
         env,
         timeout=900,
@@ -61,13 +62,18 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     history = client.get_metric_history(run_id, "loss_d")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]  # one point per epoch
     assert all(m.value > 0 for m in history)
+    # The face guidance ran: Δ of the real images (the synthetic set has faces on about half) and of the samples.
+    delta_real = client.get_metric_history(run_id, "face_absent_real")
+    assert len(delta_real) == 2 and 0.2 < delta_real[-1].value < 0.9
+    assert len(client.get_metric_history(run_id, "face_rate")) == 2
+    assert len(client.get_metric_history(run_id, "loss_d_penalised")) == 2
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert samples == ["samples/epoch_000.png", "samples/epoch_001.png"]
     local = client.download_artifacts(run_id, samples[-1])
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get_run(run_id).info.status == "FINISHED"
     params = client.get_run(run_id).data.params
-    assert params["data.uri"] == data and params["guidance.lambda1"] == "0.0"
+    assert params["data.uri"] == data and params["guidance.lambda1"] == "0.05"
 
     # The registered model loads back through the registry alias and generates images of the configured size.
     import mlflow.pytorch

@@ -233,3 +233,10 @@ def dual_stream_tiny(
         feature_dim=feature_dim,
         dropout_rate=dropout_rate,
     )
+
+
+@register_model("face_presence")
+def face_presence(*, channels: tuple[int, ...] = (16, 32), image_size: int = 32) -> FacePresenceHead:
+    """The face-presence scorer F on its own (logits; σ gives F(x) ∈ [0, 1]): the GAN's ``critic`` guidance mode trains
+    it on the detector's labels and uses 1 − F(x) as a differentiable Δ."""
+    return FacePresenceHead(channels=tuple(channels), image_size=image_size)

@@ -37,6 +37,16 @@ def sample_grid(images: torch.Tensor, nrow: int = 16):
     return to_pil_image(grid)
 
 
+def fixed_noise_samples(generator: torch.nn.Module, fixed_noise: torch.Tensor) -> torch.Tensor:
+    """G(z) for the fixed noise, with batch statistics as in training (DC-GAN's running statistics lag far behind
+    early on and give grey images in eval mode), on a copy so the real generator's buffers are not touched."""
+    import copy
+
+    sampler = copy.deepcopy(generator).train()
+    with torch.no_grad():
+        return sampler(fixed_noise.to(next(sampler.parameters()).dtype))
+
+
 def train_gan_loop(loop_config: dict) -> None:
     """Ray Train worker: DC-GAN with two DeepSpeed engines (generator and discriminator, each its own config)."""
     import ray.train
@@ -47,10 +57,11 @@ def train_gan_loop(loop_config: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
+    from reid_core.guidance.faces import FaceDetector
     from reid_core.models import build_model
     from reid_core.train.checkpoint import load_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
-    from reid_core.train.steps import gan_step
+    from reid_core.train.steps import Guidance, gan_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -96,7 +107,23 @@ def train_gan_loop(loop_config: dict) -> None:
             else None
         )
         engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-    gen, disc = engines["generator"], engines["discriminator"]
+    guidance = Guidance(cfg.guidance.mode, cfg.guidance.lambda1, cfg.guidance.lambda2)
+    if guidance.mode == "critic":
+        critic_model = build_model("face_presence")
+        ds_cfg = deepspeed_config(micro_batch_size=cfg.optim.batch_size, world_size=world, use_gpu=cfg.scaling.use_gpu,
+                                  precision=cfg.scaling.precision, zero_stage=cfg.scaling.zero_stage, lr=cfg.optim.lr)  # fmt: skip
+        optimizer = (
+            torch.optim.Adam(critic_model.parameters(), lr=cfg.optim.lr) if needs_torch_optimizer(ds_cfg) else None
+        )
+        engines["critic"], *_ = deepspeed.initialize(model=critic_model, optimizer=optimizer, config=ds_cfg)
+    gen, disc, critic = engines["generator"], engines["discriminator"], engines.get("critic")
+
+    # --- Δ(x) of every real image, once: on the original image (where a face is detectable), split across ranks
+    detector = FaceDetector(workers=cfg.guidance.detector_workers)
+    t_delta = time.perf_counter()
+    face_absent_real = face_absent_table(records, detector, rank=rank, world=world)
+    log.info("rank %d: Δ of %d real images in %.1f s (share without a face: %.3f)", rank, len(records),
+             time.perf_counter() - t_delta, float(face_absent_real.mean()))  # fmt: skip
 
     # --- resume: the latest reported checkpoint of this run (after a worker failure or a resubmission)
     start_epoch = 0
@@ -116,8 +143,11 @@ def train_gan_loop(loop_config: dict) -> None:
         steps = 0
         t_epoch = time.perf_counter()
         for batch in loader:
-            out = gan_step(gen, disc, batch["image"].to(device), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
-                           generator=step_rng)  # fmt: skip
+            out = gan_step(
+                gen, disc, batch["image"].to(device), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
+                generator=step_rng, guidance=guidance, face_absent_real=face_absent_real[batch["index"]],
+                detect_faces=lambda fake: detector.submit(fake).result().face_absent, critic=critic,
+            )  # fmt: skip
             for k, v in out.items():
                 sums[k] += v
             steps += 1
@@ -137,23 +167,46 @@ def train_gan_loop(loop_config: dict) -> None:
             save_engines(tmp, engines, epoch=epoch, rank=rank, world_size=world,
                          extra={"model": {"z_dim": cfg.model.z_dim, "width": cfg.model.width, "image_size": [h, w]}})  # fmt: skip
             if rank == 0:
-                _log_gan_epoch(mlflow_uri, run_id, metrics, gen.module, fixed_noise, epoch)
+                _log_gan_epoch(mlflow_uri, run_id, metrics, gen.module, fixed_noise, epoch, detector)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _log_gan_epoch(uri: str, run_id: str, metrics: dict, generator, fixed_noise: torch.Tensor, epoch: int) -> None:
-    """Rank 0: metrics and a grid of samples from the fixed noise (comparable across epochs).
+def face_absent_table(records, detector, *, rank: int, world: int, chunk: int = 64) -> torch.Tensor:
+    """Δ (1 = no face) of every record's original image, (len(records),) float32: each rank detects its share
+    (records rank, rank + world, ...), then the shares are all-gathered so every rank holds the whole table."""
+    import torch.distributed as dist
+
+    from reid_core import storage
+    from reid_core.data import load_image
+
+    mine = list(range(rank, len(records), world))
+    values = torch.ones(len(records))
+    for start in range(0, len(mine), chunk):
+        idx = mine[start : start + chunk]
+        data = storage.read_many([records[i].path for i in idx])
+        images = [load_image(data[records[i].path], path=records[i].path) for i in idx]
+        values[idx] = detector.detect(images).face_absent
+    if world > 1:
+        # Every rank contributes its own entries (others stay 0 in its copy); a sum then assembles the table.
+        part = torch.zeros(len(records))
+        part[mine] = values[mine]
+        dist.all_reduce(part)
+        values = part
+    return values
+
+
+def _log_gan_epoch(
+    uri: str, run_id: str, metrics: dict, generator, fixed_noise: torch.Tensor, epoch: int, detector
+) -> None:
+    """Rank 0: metrics, the face rate of the fixed-noise samples (share with a detectable face) and their grid
+    (fixed noise, so epochs are comparable).
 
     A tracking failure does not stop training (the checkpoint is what matters); it is logged as a warning naming what
     was not recorded.
     """
     try:
-        was_training = generator.training
-        generator.eval()
-        with torch.no_grad():
-            dtype = next(generator.parameters()).dtype
-            samples = generator(fixed_noise.to(dtype))
-        generator.train(was_training)
+        samples = fixed_noise_samples(generator, fixed_noise)
+        metrics = {**metrics, "face_rate": detector.detect(samples).face_rate}
         tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         tracking.log_png(uri, run_id, sample_grid(samples), f"samples/epoch_{epoch:03d}.png")
     except Exception as exc:  # noqa: BLE001 - reported, not hidden

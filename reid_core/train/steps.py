@@ -8,6 +8,7 @@ same step runs in tests, in benchmarks' plain-PyTorch baseline and inside Ray Tr
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,33 @@ class TorchUpdater:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Face guidance of the GAN losses (METHOD.md §1; ``reid_core.guidance.losses``). λ1 = λ2 = 0: plain DC-GAN."""
+
+    mode: str = "weighted"
+    lambda1: float = 0.0
+    lambda2: float = 0.0
+
+    @property
+    def needs_fake_detection(self) -> bool:
+        """Δ(G(z)) from the detector is needed every step: it moves the loss (λ2 > 0) or the logged paper value."""
+        return self.mode != "critic" and (self.lambda2 > 0 or self.mode == "paper")
+
+
+def _frozen_call(updater: Updater, x: torch.Tensor) -> torch.Tensor:
+    """``updater.module(x)`` with its parameters frozen: gradients flow through it to ``x`` only.
+
+    Calling a DeepSpeed engine here instead would register a second backward on its gradient hooks
+    (ZeRO 2: "gradient computed twice"), so the raw module is used.
+    """
+    updater.module.requires_grad_(False)
+    try:
+        return updater.module(x)
+    finally:
+        updater.module.requires_grad_(True)
+
+
 def gan_step(
     gen: Updater,
     disc: Updater,
@@ -52,49 +80,82 @@ def gan_step(
     z_dim: int,
     g_steps: int = 2,
     generator: torch.Generator | None = None,
+    guidance: Guidance = Guidance(),
+    face_absent_real: torch.Tensor | None = None,
+    detect_faces: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    critic: Updater | None = None,
 ) -> dict[str, float]:
-    """One discriminator update and ``g_steps`` generator updates of the DC-GAN (Goodfellow et al. / Radford et al.).
+    """One discriminator update and ``g_steps`` generator updates of the (face-guided) DC-GAN.
 
-    real: (N, 3, H, W) in [-1, 1]. Returns floats: ``loss_d``, ``loss_g`` (mean over the generator updates),
-    ``d_real`` / ``d_fake`` (mean D(x), D(G(z)) as probabilities) and ``step_seconds``.
+    real: (N, 3, H, W) in [-1, 1].
+    face_absent_real: (N,) Δ(x) of the real images (1 = no face), from the detector; zeros when None.
+    detect_faces: generated images (N, 3, H, W) in [-1, 1] -> Δ (N,) or a Future of it (its result is awaited after
+        D's forward passes); called when ``guidance.needs_fake_detection``.
+    critic: the face-presence scorer F (logits; ``critic`` mode only). It is trained in this step on the real batch
+        with the detector's labels (BCE(F(x), 1 − Δ(x))); D's losses use Δ = 1 − σ(F(·)) and the generator's loss
+        adds λ2 · mean(1 − σ(F(G(z)))).
+
+    Returns floats: ``loss_d``, ``loss_g`` (mean over the generator updates), the paper's penalised value
+    ``loss_d_penalised``, ``d_real`` / ``d_fake`` (mean D(x), D(G(z))), the Δ rates ``face_absent_real`` /
+    ``face_absent_fake``, ``loss_critic`` (critic mode) and ``step_seconds``.
     """
+    from reid_core.guidance.losses import discriminator_loss, generator_loss
+
+    if guidance.mode == "critic" and critic is None:
+        raise ValueError("gan_step: guidance mode 'critic' needs the face-presence scorer (critic=...)")
     t0 = time.perf_counter()
     n = real.shape[0]
     dtype = next(gen.module.parameters()).dtype
+    real = real.to(dtype)
+    if face_absent_real is None:
+        face_absent_real = torch.zeros(n)
+    face_absent_real = face_absent_real.to(device=real.device, dtype=dtype)
 
     def noise() -> torch.Tensor:
         return torch.randn(n, z_dim, generator=generator, device=real.device).to(dtype)
 
-    # --- discriminator: maximise log D(x) + log(1 − D(G(z)))  <=>  minimise BCE(D(x), 1) + BCE(D(G(z)), 0)
+    logs: dict[str, float] = {}
+    # --- discriminator: maximise log D(x) + log(1 − D(G(z))), with Δ entering as the guidance mode says
     with torch.no_grad():
         fake = gen.module(noise())  # G is not updated here: no graph through it
-    logits_real = disc(real.to(dtype))
+    pending = detect_faces(fake) if (detect_faces is not None and guidance.needs_fake_detection) else None
+    if critic is not None:
+        # F learns "has a face" from the detector's labels on real images; its own update, before D uses it.
+        loss_c = F.binary_cross_entropy_with_logits(critic(real), 1.0 - face_absent_real)
+        critic.backward(loss_c)
+        critic.step()
+        logs["loss_critic"] = float(loss_c.detach())
+        with torch.no_grad():
+            delta_real = 1.0 - torch.sigmoid(critic.module(real))
+            delta_fake = 1.0 - torch.sigmoid(critic.module(fake))
+    logits_real = disc(real)
     logits_fake = disc(fake)
-    loss_d = F.binary_cross_entropy_with_logits(
-        logits_real, torch.ones_like(logits_real)
-    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    if critic is None:
+        # A Future from FaceDetector.submit resolves here: detection overlapped with D's forward passes.
+        delta_real = face_absent_real
+        delta_fake = pending.result() if hasattr(pending, "result") else pending
+        delta_fake = torch.zeros(n) if delta_fake is None else delta_fake
+    loss_d, d_logs = discriminator_loss(
+        logits_real, logits_fake, delta_real, delta_fake.to(real.device, dtype),
+        mode=guidance.mode, lambda1=guidance.lambda1, lambda2=guidance.lambda2,
+    )  # fmt: skip
     disc.backward(loss_d)
     disc.step()
+    logs.update({k: d_logs[k] for k in ("loss_d", "loss_d_penalised", "d_real", "d_fake")})
+    logs["face_absent_real"] = float(face_absent_real.float().mean())
+    if guidance.needs_fake_detection or critic is not None:
+        logs["face_absent_fake"] = d_logs["face_absent_fake"]
 
-    # --- generator: the non-saturating loss, minimise BCE(D(G(z)), 1) = −log D(G(z)).
-    # D is frozen and called through its raw module: calling D's DeepSpeed engine here would register a second
-    # backward on its gradient hooks (ZeRO 2: "gradient computed twice").
+    # --- generator: the non-saturating loss −log D(G(z)) (+ λ2 · mean(1 − F(G(z))) in critic mode); D and F frozen
     losses_g = []
-    disc.module.requires_grad_(False)
-    try:
-        for _ in range(g_steps):
-            logits = disc.module(gen(noise()))
-            loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            gen.backward(loss_g)
-            gen.step()
-            losses_g.append(loss_g.detach())
-    finally:
-        disc.module.requires_grad_(True)
-
-    return {
-        "loss_d": float(loss_d.detach()),
-        "loss_g": float(torch.stack(losses_g).mean()),
-        "d_real": float(torch.sigmoid(logits_real.detach().float()).mean()),
-        "d_fake": float(torch.sigmoid(logits_fake.detach().float()).mean()),
-        "step_seconds": time.perf_counter() - t0,
-    }
+    for _ in range(g_steps):
+        fake = gen(noise())
+        logits = _frozen_call(disc, fake)
+        score = torch.sigmoid(_frozen_call(critic, fake)) if critic is not None else None
+        loss_g, _ = generator_loss(logits, mode=guidance.mode, lambda2=guidance.lambda2, face_score_fake=score)
+        gen.backward(loss_g)
+        gen.step()
+        losses_g.append(loss_g.detach())
+    logs["loss_g"] = float(torch.stack(losses_g).mean())
+    logs["step_seconds"] = time.perf_counter() - t0
+    return logs
