@@ -146,7 +146,7 @@ def train_gan_loop(loop_config: dict) -> None:
             out = gan_step(
                 gen, disc, batch["image"].to(device), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
                 generator=step_rng, guidance=guidance, face_absent_real=face_absent_real[batch["index"]],
-                detect_faces=lambda fake: detector.submit(fake).result().face_absent, critic=critic,
+                detect_faces=detector.submit, critic=critic,
             )  # fmt: skip
             for k, v in out.items():
                 sums[k] += v

@@ -89,8 +89,9 @@ def gan_step(
 
     real: (N, 3, H, W) in [-1, 1].
     face_absent_real: (N,) Δ(x) of the real images (1 = no face), from the detector; zeros when None.
-    detect_faces: generated images (N, 3, H, W) in [-1, 1] -> Δ (N,) or a Future of it (its result is awaited after
-        D's forward passes); called when ``guidance.needs_fake_detection``.
+    detect_faces: generated images (N, 3, H, W) in [-1, 1] -> Δ (N,) or ``FaceDetections``, or a Future of either
+        (e.g. ``FaceDetector.submit``: awaited after D's forward passes, so detection overlaps them); called when
+        ``guidance.needs_fake_detection``.
     critic: the face-presence scorer F (logits; ``critic`` mode only). It is trained in this step on the real batch
         with the detector's labels (BCE(F(x), 1 − Δ(x))); D's losses use Δ = 1 − σ(F(·)) and the generator's loss
         adds λ2 · mean(1 − σ(F(G(z)))).
@@ -134,6 +135,7 @@ def gan_step(
         # A Future from FaceDetector.submit resolves here: detection overlapped with D's forward passes.
         delta_real = face_absent_real
         delta_fake = pending.result() if hasattr(pending, "result") else pending
+        delta_fake = getattr(delta_fake, "face_absent", delta_fake)  # FaceDetections -> its Δ tensor
         delta_fake = torch.zeros(n) if delta_fake is None else delta_fake
     loss_d, d_logs = discriminator_loss(
         logits_real, logits_fake, delta_real, delta_fake.to(real.device, dtype),

@@ -1,0 +1,155 @@
+"""GAN step throughput, measured in one run against baselines from the same run.
+
+(a) Ray Train + DeepSpeed (1 worker, CPU, gloo, fp32) vs a plain PyTorch loop on the same model, batch and in-memory
+    data: images/s of each and their ratio (target ≥ 0.85×).
+(b) The share of a guided step (weighted mode, λ2 > 0: the detector runs on every generated batch) spent in Δ, at the
+    demo config (64×32, width 32, batch 16): (t_guided − t_unguided) / t_guided (target ≤ 25%).
+
+    .venv/bin/python bench/gan_step.py [--quick] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+Z_DIM, WIDTH, SIZE, BATCH = 100, 32, (64, 32), 16
+
+
+def make_models(seed: int = 0):
+    from reid_core.models import build_model
+
+    torch.manual_seed(seed)
+    gen = build_model("dcgan_generator", z_dim=Z_DIM, width=WIDTH, image_size=SIZE)
+    disc = build_model("dcgan_discriminator", width=WIDTH, image_size=SIZE)
+    return gen, disc
+
+
+def data(n_batches: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(BATCH, 3, *SIZE, generator=g) * 2 - 1 for _ in range(n_batches)]
+
+
+def timed_loop(gen_u, disc_u, batches, warmup: int, **step_kwargs) -> float:
+    """images/s over ``batches`` after ``warmup`` untimed steps."""
+    from reid_core.train.steps import gan_step
+
+    for real in batches[:warmup]:
+        gan_step(gen_u, disc_u, real, z_dim=Z_DIM, **step_kwargs)
+    t0 = time.perf_counter()
+    for real in batches[warmup:]:
+        gan_step(gen_u, disc_u, real, z_dim=Z_DIM, **step_kwargs)
+    return (len(batches) - warmup) * BATCH / (time.perf_counter() - t0)
+
+
+def plain_updaters():
+    from reid_core.train.steps import TorchUpdater
+
+    gen, disc = make_models()
+    adam = dict(lr=2e-4, betas=(0.5, 0.999))
+    return (TorchUpdater(gen, torch.optim.Adam(gen.parameters(), **adam)),
+            TorchUpdater(disc, torch.optim.Adam(disc.parameters(), **adam)))  # fmt: skip
+
+
+def ray_deepspeed_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from reid_core.train.deepspeed import deepspeed_config
+
+    torch.set_num_threads(config["threads"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    engines = []
+    for model in make_models():
+        cfg = deepspeed_config(micro_batch_size=BATCH, world_size=1, use_gpu=False)
+        opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        engines.append(deepspeed.initialize(model=model, optimizer=opt, config=cfg)[0])
+    ips = timed_loop(*engines, data(config["steps"] + config["warmup"]), config["warmup"])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # Train V2 returns metrics only with a checkpoint
+        Path(tmp, "ips.txt").write_text(str(ips))
+        ray.train.report({"images_per_second": ips}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def bench_ray_vs_plain(steps: int, warmup: int, threads: int) -> tuple[float, float]:
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    torch.set_num_threads(threads)
+    plain = timed_loop(*plain_updaters(), data(steps + warmup), warmup)
+    ray.init(num_cpus=max(2, threads), include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = TorchTrainer(
+                ray_deepspeed_worker,
+                train_loop_config={"steps": steps, "warmup": warmup, "threads": threads},
+                torch_config=TorchConfig(backend="gloo"),
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+                run_config=RunConfig(name="bench-gan-step", storage_path=tmp),
+            )
+            result = trainer.fit()
+    finally:
+        ray.shutdown()
+    ray_ips = (result.metrics or {}).get("images_per_second")
+    return plain, ray_ips
+
+
+def bench_detection_share(steps: int, warmup: int, threads: int) -> dict[str, float]:
+    from reid_core.guidance.faces import FaceDetector
+    from reid_core.train.steps import Guidance
+
+    torch.set_num_threads(threads)
+    batches = data(steps + warmup)
+    guidance = Guidance("weighted", 0.05, 0.05)
+    unguided = timed_loop(*plain_updaters(), batches, warmup, guidance=guidance, detect_faces=None)
+    out = {"unguided_ips": unguided}
+    for workers in (0, 2):
+        with FaceDetector(workers=workers) as det:
+            guided = timed_loop(*plain_updaters(), batches, warmup, guidance=guidance,
+                                detect_faces=lambda fake, det=det: det.submit(fake))  # fmt: skip
+        out[f"guided_ips_workers{workers}"] = guided
+        out[f"delta_share_workers{workers}"] = 1.0 - guided / unguided
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops (default 1)")
+    args = parser.parse_args()
+    steps = args.steps or (10 if args.quick else 60)
+    warmup = 3
+
+    print(f"GAN step benchmark: DC-GAN {SIZE[0]}x{SIZE[1]}, width {WIDTH}, batch {BATCH}, {steps} timed steps, "
+          f"{args.threads} torch thread(s)")  # fmt: skip
+    plain, ray_ips = bench_ray_vs_plain(steps, warmup, args.threads)
+    print(f"(a) plain PyTorch loop:            {plain:8.1f} images/s")
+    if ray_ips is None:
+        print("(a) Ray Train + DeepSpeed: no figure came back from the worker")
+    else:
+        print(f"(a) Ray Train + DeepSpeed, 1 worker: {ray_ips:8.1f} images/s")
+        print(f"(a) ratio Ray+DeepSpeed / plain:   {ray_ips / plain:8.2f}x   (target >= 0.85x)")
+    share = bench_detection_share(steps, warmup, args.threads)
+    print(f"(b) unguided step:                 {share['unguided_ips']:8.1f} images/s")
+    for workers in (0, 2):
+        print(f"(b) guided, detector workers={workers}:   {share[f'guided_ips_workers{workers}']:8.1f} images/s   "
+              f"share of the step in Δ: {100 * share[f'delta_share_workers{workers}']:5.1f}%   (target <= 25%)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
