@@ -314,3 +314,17 @@ def ray_storage(url: str, settings: S3Settings | None = None) -> tuple[str, obje
         bucket, key = split_s3(url)
         return f"{bucket}/{key}".rstrip("/"), pyarrow_filesystem(settings)
     return os.path.abspath(filesystem(url)[1]), None
+
+
+def delete_files(urls: Iterable[str], settings: S3Settings | None = None) -> None:
+    """Delete the given objects (S3: up to 1,000 per request) or local files. Added for ``jobs/synthesize.py
+    --overwrite``; callers decide what may be deleted (this function deletes exactly the URLs it is given)."""
+    urls = list(urls)
+    if not urls:
+        return
+    fs, _ = filesystem(urls[0], settings)
+    paths = [filesystem(u, settings)[1] for u in urls]
+    try:
+        fs.rm(paths)
+    except Exception as exc:
+        raise _wrap(exc, urls[0], settings) from exc

@@ -156,3 +156,181 @@ def log_and_register_pytorch_model(
 
 def artifact_uri(uri: str, run_id: str) -> str:
     return client(uri).get_run(run_id).info.artifact_uri
+
+
+# ------------------------------------------------------------------------------------------------ registry look-ups
+# (added for jobs/synthesize.py: consumers of a registered model resolve it once, then use the pinned version)
+
+from dataclasses import dataclass  # noqa: E402
+
+
+class RegistryError(TrackingError):
+    """A registered model, version or alias does not exist; the message names what exists instead."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """One registered model version, pinned: ``uri`` stays valid when an alias moves on later."""
+
+    name: str
+    version: str
+    run_id: str | None  # the run that logged the model (None when registered from outside a run)
+    source: str  # where its files are (``models:/m-...`` or a run's artifact path)
+    model_id: str | None  # MLflow 3's logged-model id, for lineage links (None on older entries)
+    aliases: tuple[str, ...]  # the aliases pointing at this version now
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/VERSION`` -> (NAME, VERSION, None)."""
+    expected = "expected models:/NAME@ALIAS or models:/NAME/VERSION (e.g. models:/reid-dcgan-generator@candidate)"
+    if not model_uri.startswith("models:/"):
+        raise RegistryError(f"model URI {model_uri!r} is not a registry URI: {expected}")
+    rest = model_uri[len("models:/") :].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if name and alias and "/" not in alias:
+            return name, None, alias
+    else:
+        name, _, version = rest.rpartition("/")
+        if name and version.isdigit():
+            return name, version, None
+    raise RegistryError(f"model URI {model_uri!r} names no alias or version: {expected}")
+
+
+def resolve_model_version(uri: str, model_uri: str) -> ModelVersionRef:
+    """Look ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` up in the registry at ``uri``.
+
+    Raises ``RegistryError`` in one line naming the registered model and what it has (its aliases, or its versions;
+    for a missing model, the registered models that exist).
+    """
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(model_uri)
+    c = client(uri)
+    try:
+        registered = c.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"MLflow registry at {uri}: looking up {name!r} failed: {exc.message}") from None
+        names = sorted(m.name for m in c.search_registered_models(max_results=50))
+        listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "none"
+        raise RegistryError(
+            f"registered model {name!r} does not exist in the MLflow registry at {uri} (registered models: {listed})"
+        ) from None
+    aliases = dict(registered.aliases or {})
+
+    def describe_aliases() -> str:
+        return ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+
+    if alias is not None:
+        if alias not in aliases:
+            raise RegistryError(
+                f"registered model {name!r} has no alias {alias!r} (its aliases: {describe_aliases()}) in the MLflow "
+                f"registry at {uri}"
+            )
+        version = str(aliases[alias])
+    try:
+        mv = c.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(
+                f"MLflow registry at {uri}: looking up {name!r} v{version} failed: {exc.message}"
+            ) from None
+        versions = sorted((int(v.version) for v in c.search_model_versions(f"name = '{name}'")), reverse=True)
+        listed = ", ".join(map(str, versions[:20])) + (", ..." if len(versions) > 20 else "") if versions else "none"
+        raise RegistryError(
+            f"registered model {name!r} has no version {version} (versions: {listed}; aliases: {describe_aliases()}) "
+            f"in the MLflow registry at {uri}"
+        ) from None
+    return ModelVersionRef(
+        name=name,
+        version=str(mv.version),
+        run_id=mv.run_id or None,
+        source=mv.source,
+        model_id=_model_id(mv),
+        aliases=tuple(sorted(a for a, v in aliases.items() if str(v) == str(mv.version))),
+    )
+
+
+def _model_id(mv) -> str | None:
+    """The version's logged-model id: the field when the store fills it, else from a ``models:/m-...`` source."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source[len("models:/") :] if source.startswith("models:/m-") else None
+
+
+def model_input_shape(uri: str, model_uri: str) -> tuple[int, ...] | None:
+    """The shape of the model's (single tensor) input from its logged signature, -1 for variable dimensions; None
+    when the model has no tensor signature."""
+    import mlflow
+    import mlflow.models
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    signature = mlflow.models.get_model_info(model_uri).signature
+    inputs = getattr(getattr(signature, "inputs", None), "inputs", None) or []
+    shape = getattr(inputs[0], "shape", None) if len(inputs) == 1 else None
+    return tuple(int(d) for d in shape) if shape else None
+
+
+def load_pytorch_model(uri: str, model_uri: str, *, map_location: str = "cpu"):
+    """``mlflow.pytorch.load_model`` from the tracking/registry server at ``uri``, weights on ``map_location``.
+
+    MLflow 3 saves PyTorch models as ``torch.export`` programs by default (``log_and_register_pytorch_model`` does):
+    they load as a ``GraphModule`` with the original ``state_dict`` keys but without the class's attributes, fixed in
+    eval mode (``train()`` raises).
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+
+
+def set_model_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) -> None:
+    """Set (or overwrite) tags on a registered model version; values are stored as strings."""
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))
+
+
+def log_model_version_input(uri: str, run_id: str, ref: ModelVersionRef) -> None:
+    """Record in ``run_id`` that it consumed the model version ``ref``: tags ``input_model.*`` (name, version, URI,
+    producing run), and MLflow 3's model-input lineage when the version has a logged-model id."""
+    from mlflow.entities import LoggedModelInput
+
+    c = client(uri)
+    tags = {"input_model.name": ref.name, "input_model.version": ref.version, "input_model.uri": ref.uri}
+    if ref.run_id:
+        tags["input_model.run_id"] = ref.run_id
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value)
+    if ref.model_id:
+        c.log_inputs(run_id, models=[LoggedModelInput(model_id=ref.model_id)])
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """Log ``text`` as an artifact at ``artifact_file`` (e.g. ``distractors.json``)."""
+    client(uri).log_text(run_id, text, artifact_file)
+
+
+# ------------------------------------------------------------------------------------------------ files and tags
+# (added for jobs/train_reid.py: exported TorchScript / ONNX files and run tags after the run has started)
+
+
+def log_artifact_file(uri: str, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Log a local file as an artifact of ``run_id``, under the folder ``artifact_path`` (None: the root)."""
+    client(uri).log_artifact(run_id, str(local_path), artifact_path=artifact_path)
+
+
+def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Set (or overwrite) tags on a run; values are stored as strings."""
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
