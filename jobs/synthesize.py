@@ -50,7 +50,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -524,20 +523,13 @@ def _log_progress(done_chunks: int, total_chunks: int, n: int, rows: list, t0: f
              len(rows) / max(elapsed, 1e-9))  # fmt: skip
 
 
-# What Ray's workers need from the driver's environment to reach the same S3 (names only: values come from this
-# environment; on a cluster an instance role supplies credentials when none are set).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # fmt: skip
-
-
 def _run_on_ray(generator: nn.Module, chunks: list[tuple[int, int]], workers: int, params: dict, bar, t0: float):
     """Every chunk a Ray task (1 CPU), at most ``workers`` in flight (0 = the cluster's CPUs)."""
     import ray
 
-    # Under `ray job submit` the job's runtime env already reaches the workers (and Ray refuses a second one).
-    submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    ray.init(runtime_env=None if submitted else {"env_vars": env})
+    from reid_core.stack import init_ray_for_job
+
+    init_ray_for_job()
     if workers == 0:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = min(workers, len(chunks))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from reid_core import storage, tracking  # noqa: E402
 from reid_core.config import ConfigError, GanJobConfig, flatten, load_config, to_dict  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.stack import init_ray_for_job, load_env_defaults  # noqa: E402
 
 log = logging.getLogger("train_gan")
 
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -90,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.info("continuing MLflow run %s (run name %r): Ray resumes from its last checkpoint", run_id, cfg.run.name)
 
-    # Under `ray job submit` the job's runtime env already reaches the workers (and Ray refuses a second one).
-    submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    ray.init(runtime_env=None if submitted else {"env_vars": worker_env(cfg)})
+    init_ray_for_job(use_gpu=cfg.scaling.use_gpu)
     storage_path, storage_fs = storage.ray_storage(
         cfg.run.storage, storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
     )
@@ -133,19 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint:        {result.checkpoint.path}")
     print(f"last epoch:        { ({k: round(v, 4) for k, v in (result.metrics or {}).items()}) }")
     return 0
-
-
-# What the workers need from the driver's environment to reach the same S3 and MLflow (names only; values come from
-# this environment, a cluster's instance role supplies credentials when none are set).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR")  # fmt: skip
-
-
-def worker_env(cfg: GanJobConfig) -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    if not cfg.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
 
 
 def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoint) -> str:

@@ -405,6 +405,29 @@ def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
     return applied
 
 
+# What Ray workers need from a job driver's environment to reach the same S3 and MLflow (names only: the values come
+# from the driver's environment; on a cluster the instance role supplies credentials when none are set).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR",
+)  # fmt: skip
+
+
+def init_ray_for_job(*, use_gpu: bool = False) -> None:
+    """``ray.init`` for a job driver: under ``ray job submit`` the job's runtime env already reaches the workers (and
+    Ray refuses a second one); run directly, the driver forwards ``FORWARDED_ENV`` (and the CPU accelerator for
+    DeepSpeed) to the workers it starts or joins."""
+    import ray
+
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        ray.init()
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    ray.init(runtime_env={"env_vars": env})
+
+
 RUNTIME_ENV_EXCLUDES = [
     ".stack/", ".venv/", ".git/", "/data/", "*.db", ".env", "mlruns/", "**/__pycache__/", ".pytest_cache/",
     ".ruff_cache/", ".hypothesis/", "*.egg-info/",
