@@ -1,0 +1,534 @@
+"""Review the MLflow model registry: list, compare, promote (gated alias ``champion``) and report.
+
+    python jobs/review_models.py list [--name NAME]
+    python jobs/review_models.py compare NAME V1 V2            # V: a version number or an alias (champion, @candidate)
+    python jobs/review_models.py promote NAME VERSION [--metric mAP] [--reason TEXT] [--force]
+    python jobs/review_models.py report [--name NAME] [--out review.md|review.html]
+
+Only ``MlflowClient`` and aliases (stages are deprecated). A version's metrics are its run's latest values (Rank-1,
+mAP, mINP for re-ID models; face rate and losses for GAN generators); λ1, λ2, the guidance mode and the dataset come
+from the version's tags (as ``jobs/train_gan.py`` / ``jobs/train_reid.py`` register them), else from its run's params.
+
+``promote`` refuses (exit 2, one line) a version whose gate metric is worse than the current champion's on the same
+dataset, a version or champion without that metric, or a champion evaluated on another dataset, unless ``--force``;
+it records who, when and why as tags ``champion.*`` on the promoted version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import getpass
+import html
+import logging
+import math
+import mimetypes
+import os
+import sys
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from reid_core import tracking  # noqa: E402
+from reid_core.stack import load_env_defaults  # noqa: E402
+
+log = logging.getLogger("review_models")
+
+CHAMPION_ALIAS = "champion"
+REVIEW_EXPERIMENT = "registry-review"
+# Metric columns shown first, in this order, when versions have them; other metrics follow alphabetically.
+PREFERRED_METRICS = ("rank1", "rank5", "mAP", "mINP", "face_rate", "loss_g", "loss_d")
+# Metrics where a smaller value is the better model (the promotion gate's direction); everything else: larger.
+LOWER_IS_BETTER_PREFIXES = ("loss",)
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
+MAX_PICTURES = 50  # per version: a run with thousands of images would flood the page
+MAX_ARTIFACT_DEPTH = 3
+
+
+class ReviewError(RuntimeError):
+    """A review request cannot be served (gate refused, unknown metric, ...); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What a reviewer needs to know about one registered model version."""
+
+    name: str
+    version: str
+    run_id: str | None
+    aliases: tuple[str, ...]
+    created: str  # UTC, ISO 8601 to the minute
+    metrics: dict[str, float]  # the run's latest value of each metric
+    params: dict[str, str]  # the run's params
+    tags: dict[str, str]  # the model version's tags
+    dataset: str  # data.uri of the version (tag) or its run (param); "?" when neither says
+    lambda1: str
+    lambda2: str
+    mode: str  # guidance mode
+    artifact_uri: str  # the run's artifact root ("" without a run)
+    pictures: tuple[str, ...] = field(default=())  # artifact paths of the run's pictures
+
+
+# ------------------------------------------------------------------------------------------------ registry reading
+def model_version_record(client, mv, aliases: dict[str, str], *, with_pictures: bool = False) -> VersionRecord:
+    """Collect ``mv`` (an MLflow ``ModelVersion``) with its run's metrics and params; ``aliases``: alias -> version of
+    its registered model."""
+    from mlflow.exceptions import MlflowException
+
+    tags = dict(mv.tags or {})
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    artifact_uri = ""
+    run_id = mv.run_id or None
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            log.warning("%s v%s: its run %s cannot be read (%s)", mv.name, mv.version, run_id, exc.message)
+        else:
+            metrics = dict(run.data.metrics)
+            params = dict(run.data.params)
+            artifact_uri = run.info.artifact_uri
+    # Versions registered without a run may still carry their headline metrics as tags (train_reid.py adds them).
+    for key in PREFERRED_METRICS:
+        if key not in metrics and key in tags:
+            try:
+                metrics[key] = float(tags[key])
+            except ValueError:
+                pass
+
+    def described(*keys: str) -> str:
+        for key in keys:
+            if tags.get(key):
+                return tags[key]
+            if params.get(key):
+                return params[key]
+        return "?"
+
+    created = dt.datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, tz=dt.UTC)
+    return VersionRecord(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=run_id,
+        aliases=tuple(sorted(a for a, v in aliases.items() if str(v) == str(mv.version))),
+        created=created.strftime("%Y-%m-%d %H:%M"),
+        metrics=metrics,
+        params=params,
+        tags=tags,
+        dataset=described("data.uri"),
+        lambda1=described("lambda1", "guidance.lambda1"),
+        lambda2=described("lambda2", "guidance.lambda2"),
+        mode=described("guidance.mode"),
+        artifact_uri=artifact_uri,
+        pictures=run_pictures(client, run_id) if with_pictures and run_id else (),
+    )
+
+
+def run_pictures(client, run_id: str) -> tuple[str, ...]:
+    """Artifact paths of the pictures logged to ``run_id`` (PNG/JPEG/SVG/GIF), at most ``MAX_PICTURES``, sorted."""
+    found: list[str] = []
+    folders = [(None, 0)]
+    while folders and len(found) < MAX_PICTURES:
+        folder, depth = folders.pop()
+        for entry in client.list_artifacts(run_id, folder):
+            if entry.is_dir:
+                if depth + 1 < MAX_ARTIFACT_DEPTH:
+                    folders.append((entry.path, depth + 1))
+            elif entry.path.lower().endswith(PICTURE_SUFFIXES):
+                found.append(entry.path)
+    return tuple(sorted(found)[:MAX_PICTURES])
+
+
+def registered_model_names(client) -> list[str]:
+    names: list[str] = []
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=200, page_token=token)
+        names += [m.name for m in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def registered_model(uri: str, client, name: str):
+    """The registered model ``name``; ``RegistryError`` listing the registered models when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise tracking.TrackingError(
+                f"MLflow registry at {uri}: looking up {name!r} failed: {exc.message}"
+            ) from None
+    names = registered_model_names(client)
+    listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "none"
+    raise tracking.RegistryError(
+        f"registered model {name!r} does not exist in the MLflow registry at {uri} (registered models: {listed})"
+    )
+
+
+def model_versions(uri: str, client, name: str, *, with_pictures: bool = False) -> list[VersionRecord]:
+    """Every version of registered model ``name``, newest first."""
+    model = registered_model(uri, client, name)
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    versions = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=200, page_token=token)
+        versions += list(page)
+        token = page.token
+        if not token:
+            break
+    versions.sort(key=lambda mv: int(mv.version), reverse=True)
+    return [model_version_record(client, mv, aliases, with_pictures=with_pictures) for mv in versions]
+
+
+def version_spec_uri(name: str, spec: str) -> str:
+    """``3`` -> ``models:/NAME/3``; ``champion`` or ``@champion`` -> ``models:/NAME@champion``."""
+    spec = spec.strip()
+    return f"models:/{name}/{spec}" if spec.isdigit() else f"models:/{name}@{spec.lstrip('@')}"
+
+
+def one_version(uri: str, client, name: str, spec: str, *, with_pictures: bool = False) -> VersionRecord:
+    """Version ``spec`` (number or alias) of ``name``; ``RegistryError`` naming what exists when it does not."""
+    ref = tracking.resolve_model_version(uri, version_spec_uri(name, spec))
+    model = client.get_registered_model(ref.name)
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    return model_version_record(client, client.get_model_version(ref.name, ref.version), aliases,
+                                with_pictures=with_pictures)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+
+
+def metric_columns(records: list[VersionRecord], wanted: list[str] | None = None) -> list[str]:
+    """``wanted`` if given, else the preferred metrics any record has, then (up to 6 of) the others alphabetically."""
+    if wanted:
+        return wanted
+    present = set().union(*(r.metrics for r in records)) if records else set()
+    preferred = [m for m in PREFERRED_METRICS if m in present]
+    return preferred + sorted(present - set(preferred))[: max(0, 8 - len(preferred))]
+
+
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned plain-text columns separated by two spaces, with a dashed rule under the header."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def version_rows(records: list[VersionRecord], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    headers = ["version", "aliases", "created", "dataset", "λ1", "λ2", "mode", *metrics]
+    rows = [
+        [r.version, ",".join("@" + a for a in r.aliases) or "-", r.created, r.dataset, r.lambda1, r.lambda2, r.mode,
+         *(format_value(r.metrics.get(m)) for m in metrics)]
+        for r in records
+    ]  # fmt: skip
+    return headers, rows
+
+
+def comparison_rows(a: VersionRecord, b: VersionRecord) -> tuple[list[list[str]], list[list[str]]]:
+    """(metric rows: name, a, b, b − a), (param/tag rows that differ or matter: name, a, b)."""
+    metric_rows = []
+    for m in metric_columns([a, b]) + sorted((set(a.metrics) | set(b.metrics)) - set(metric_columns([a, b]))):
+        va, vb = a.metrics.get(m), b.metrics.get(m)
+        delta = format_value(vb - va) if va is not None and vb is not None else "-"
+        metric_rows.append([m, format_value(va), format_value(vb), delta])
+    described = [("dataset", a.dataset, b.dataset), ("λ1", a.lambda1, b.lambda1), ("λ2", a.lambda2, b.lambda2),
+                 ("guidance mode", a.mode, b.mode), ("aliases", ",".join(a.aliases) or "-", ",".join(b.aliases) or "-"),
+                 ("run", a.run_id or "-", b.run_id or "-")]  # fmt: skip
+    keys = sorted(set(a.params) | set(b.params))
+    described += [(f"param {k}", a.params.get(k, "-"), b.params.get(k, "-")) for k in keys
+                  if a.params.get(k) != b.params.get(k)]  # fmt: skip
+    return metric_rows, [list(row) for row in described]
+
+
+def ui_base(uri: str) -> str | None:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def version_url(uri: str, record: VersionRecord) -> str | None:
+    base = ui_base(uri)
+    return f"{base}/#/models/{urllib.parse.quote(record.name)}/versions/{record.version}" if base else None
+
+
+def picture_links(uri: str, record: VersionRecord) -> list[tuple[str, str, str | None]]:
+    """(artifact path, artifact URI, direct HTTP URL from the tracking server or None) for each picture."""
+    base = ui_base(uri)
+    out = []
+    for path in record.pictures:
+        http = None
+        if base:
+            query = urllib.parse.urlencode({"path": path, "run_uuid": record.run_id})
+            http = f"{base}/get-artifact?{query}"
+        out.append((path, f"{record.artifact_uri.rstrip('/')}/{path}", http))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def command_list(uri: str, client, *, name: str | None, metrics: list[str] | None) -> str:
+    names = [name] if name else registered_model_names(client)
+    if not names:
+        return f"no registered models in the MLflow registry at {uri}"
+    blocks = []
+    for model_name in names:
+        records = model_versions(uri, client, model_name)
+        headers, rows = version_rows(records, metric_columns(records, metrics))
+        blocks.append(
+            f"== {model_name} ({len(records)} versions)\n" + (text_table(headers, rows) if rows else "(none)")
+        )
+    return "\n\n".join(blocks)
+
+
+def command_compare(uri: str, client, *, name: str, first: str, second: str) -> str:
+    a = one_version(uri, client, name, first, with_pictures=True)
+    b = one_version(uri, client, name, second, with_pictures=True)
+    metric_rows, described = comparison_rows(a, b)
+    va, vb = f"v{a.version}", f"v{b.version}"
+    parts = [f"== {name}: v{a.version} vs v{b.version}", text_table(["metric", va, vb, f"{vb} - {va}"], metric_rows),
+             "", text_table(["", va, vb], described)]  # fmt: skip
+    for record in (a, b):
+        parts += ["", f"pictures of v{record.version}" + (f" ({version_url(uri, record)})" if ui_base(uri) else "")]
+        links = picture_links(uri, record)
+        parts += [f"  {path}: {http or art}" for path, art, http in links] or ["  (none logged)"]
+    return "\n".join(parts)
+
+
+def metric_direction(metric: str, direction: str) -> str:
+    if direction != "auto":
+        return direction
+    return "lower" if metric.startswith(LOWER_IS_BETTER_PREFIXES) else "higher"
+
+
+def promotion_gate(
+    candidate: VersionRecord, champion: VersionRecord | None, *, metric: str, direction: str
+) -> tuple[bool, str]:
+    """(passes, one-line explanation). Fails when the candidate lacks ``metric``, the champion lacks it or was
+    evaluated on another dataset, or the candidate is worse than the champion in ``direction``."""
+    if metric not in candidate.metrics:
+        have = ", ".join(sorted(candidate.metrics)) or "none"
+        return False, (f"{candidate.name} v{candidate.version} has no metric {metric!r} to compare (its metrics: "
+                       f"{have}): choose one with --metric, or pass --force")  # fmt: skip
+    value = candidate.metrics[metric]
+    if champion is None:
+        return True, f"no current @{CHAMPION_ALIAS}: {metric} {format_value(value)} becomes the bar"
+    if champion.version == candidate.version:
+        return True, f"v{candidate.version} already is @{CHAMPION_ALIAS}"
+    if metric not in champion.metrics:
+        return False, (f"the current @{CHAMPION_ALIAS} v{champion.version} has no metric {metric!r}: the gate cannot "
+                       f"compare; choose another --metric, or pass --force")  # fmt: skip
+    if champion.dataset != candidate.dataset:
+        return False, (f"v{candidate.version} was evaluated on {candidate.dataset} but @{CHAMPION_ALIAS} "
+                       f"v{champion.version} on {champion.dataset}: {metric} is not comparable; pass --force to "
+                       f"promote anyway")  # fmt: skip
+    bar = champion.metrics[metric]
+    worse = value > bar if direction == "lower" else value < bar
+    relation = "<" if value < bar else ">" if value > bar else "="
+    comparison = (f"{metric} {format_value(value)} {relation} {format_value(bar)} of @{CHAMPION_ALIAS} "
+                  f"v{champion.version} on {candidate.dataset} ({direction} is better)")  # fmt: skip
+    if worse:
+        return False, f"{candidate.name} v{candidate.version} is worse: {comparison}; pass --force to promote anyway"
+    return True, comparison
+
+
+def reviewer() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return os.environ.get("USER") or "unknown"
+
+
+def command_promote(
+    uri: str, client, *, name: str, version: str, metric: str, direction: str, force: bool, reason: str | None
+) -> str:
+    candidate = one_version(uri, client, name, version)
+    model = client.get_registered_model(name)
+    champion_version = (model.aliases or {}).get(CHAMPION_ALIAS)
+    champion = one_version(uri, client, name, str(champion_version)) if champion_version else None
+    direction = metric_direction(metric, direction)
+    passes, explanation = promotion_gate(candidate, champion, metric=metric, direction=direction)
+    if not passes and not force:
+        raise ReviewError(f"promotion refused: {explanation}")
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    tags = {
+        "champion.promoted_by": reviewer(),
+        "champion.promoted_at": now,
+        "champion.reason": reason or "(none given)",
+        "champion.previous": f"v{champion.version}" if champion else "none",
+        "champion.forced": str(bool(force and not passes)).lower(),
+        "champion.gate": explanation,
+    }
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, candidate.version)
+    tracking.set_model_version_tags(uri, name, candidate.version, tags)
+    if champion is not None and champion.version != candidate.version:
+        tracking.set_model_version_tags(uri, name, champion.version, {"champion.replaced_by": f"v{candidate.version}",
+                                                                      "champion.replaced_at": now})  # fmt: skip
+    forced = " (FORCED past the gate)" if force and not passes else ""
+    return (f"{name} v{candidate.version} is now @{CHAMPION_ALIAS}{forced}: {explanation}; recorded by "
+            f"{tags['champion.promoted_by']} at {now}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report_markdown(uri: str, models: dict[str, list[VersionRecord]], metrics: list[str] | None) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = ["# Model registry review", "", f"Registry: `{uri}` · generated {now} by {reviewer()}", ""]
+    for name, records in models.items():
+        headers, rows = version_rows(records, metric_columns(records, metrics))
+        out += [f"## {name}", "", markdown_table(headers, rows) if rows else "(no versions)", ""]
+        for record in records:
+            link = version_url(uri, record)
+            title = f"[v{record.version}]({link})" if link else f"v{record.version}"
+            out.append(f"### {name} {title}" + (" · " + ", ".join("@" + a for a in record.aliases) if record.aliases
+                                                  else ""))  # fmt: skip
+            promoted = {k: v for k, v in record.tags.items() if k.startswith("champion.")}
+            if promoted:
+                out.append("")
+                out += [f"- {k}: {v}" for k, v in sorted(promoted.items())]
+            out.append("")
+            links = picture_links(uri, record)
+            out += [f"- [{path}]({http or art})" for path, art, http in links] or ["- no pictures logged"]
+            out.append("")
+    return "\n".join(out)
+
+
+def report_html(uri: str, client, models: dict[str, list[VersionRecord]], metrics: list[str] | None,
+                embed: int) -> str:  # fmt: skip
+    """A single HTML file: tables, links and the last ``embed`` pictures of each version inlined as data URIs."""
+    esc = html.escape
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>Model registry review</title><style>",
+           "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+           "padding:2px 8px;text-align:left}img{max-width:480px;margin:4px;border:1px solid #ddd}</style></head><body>",
+           f"<h1>Model registry review</h1><p>Registry: <code>{esc(uri)}</code> · generated {esc(now)} by "
+           f"{esc(reviewer())}</p>"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, records in models.items():
+            headers, rows = version_rows(records, metric_columns(records, metrics))
+            out.append(f"<h2>{esc(name)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</table>")
+            for record in records:
+                link = version_url(uri, record)
+                title = f"<a href='{esc(link)}'>v{record.version}</a>" if link else f"v{record.version}"
+                aliases = " · " + ", ".join("@" + a for a in record.aliases) if record.aliases else ""
+                out.append(f"<h3>{esc(name)} {title}{esc(aliases)}</h3><ul>")
+                out += [f"<li>{esc(k)}: {esc(v)}</li>" for k, v in sorted(record.tags.items())
+                        if k.startswith("champion.")]  # fmt: skip
+                links = picture_links(uri, record)
+                out += [f"<li><a href='{esc(http or art)}'>{esc(path)}</a></li>" for path, art, http in links]
+                out.append("</ul>" if links else "<li>no pictures logged</li></ul>")
+                for path, _, _ in links[-embed:] if embed > 0 else []:
+                    local = client.download_artifacts(record.run_id, path, tmp)
+                    kind = mimetypes.guess_type(path)[0] or "image/png"
+                    data = base64.b64encode(Path(local).read_bytes()).decode("ascii")
+                    out.append(f"<figure><img alt='{esc(path)}' src='data:{kind};base64,{data}'>"
+                               f"<figcaption>{esc(path)}</figcaption></figure>")  # fmt: skip
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def command_report(uri: str, client, *, name: str | None, out: str | None, metrics: list[str] | None, embed: int,
+                   experiment: str) -> tuple[str, str]:  # fmt: skip
+    """Write the page (``out``; its suffix .html/.htm selects HTML, else Markdown) and log it to a new run
+    ``registry-review`` of ``experiment``. Returns (path written, run id)."""
+    names = [name] if name else registered_model_names(client)
+    models = {n: model_versions(uri, client, n, with_pictures=True) for n in names}
+    path = Path(out or "registry-review.md")
+    as_html = path.suffix.lower() in (".html", ".htm")
+    page = report_html(uri, client, models, metrics, embed) if as_html else report_markdown(uri, models, metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    run_id = tracking.start_run(uri, experiment, "registry-review", {"models": ",".join(names) or "none",
+                                                                     "format": "html" if as_html else "markdown"},
+                                tags={"job": "review_models", "reviewer": reviewer()})  # fmt: skip
+    tracking.log_artifact_file(uri, run_id, path)
+    tracking.set_terminated(uri, run_id, "FINISHED")
+    return str(path), run_id
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI or the embedded stack)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def metric_list(text: str) -> list[str]:
+        return [m.strip() for m in text.split(",") if m.strip()]
+
+    listing = commands.add_parser("list", help="registered models and their versions as a table")
+    listing.add_argument("--name", help="only this registered model")
+    listing.add_argument("--metrics", type=metric_list, help="metric columns, e.g. rank1,mAP (default: what exists)")
+
+    compare = commands.add_parser("compare", help="two versions side by side, with links to their pictures")
+    compare.add_argument("name")
+    compare.add_argument("first", metavar="V1", help="version number or alias")
+    compare.add_argument("second", metavar="V2", help="version number or alias")
+
+    promote = commands.add_parser("promote", help=f"move alias @{CHAMPION_ALIAS} to a version, gated on a metric")
+    promote.add_argument("name")
+    promote.add_argument("version", help="version number or alias (e.g. candidate)")
+    promote.add_argument("--metric", default="mAP", help="the gate's metric (default mAP)")
+    promote.add_argument("--direction", choices=("auto", "higher", "lower"), default="auto",
+                         help="which way is better (auto: lower for loss*, else higher)")  # fmt: skip
+    promote.add_argument("--force", action="store_true", help="promote even when the gate refuses")
+    promote.add_argument("--reason", help="why (recorded as tag champion.reason)")
+
+    report = commands.add_parser("report", help="a Markdown/HTML page of the registry, also logged to MLflow")
+    report.add_argument("--name", help="only this registered model")
+    report.add_argument("--out", help="file to write; .html for HTML with embedded pictures (default: .md)")
+    report.add_argument("--metrics", type=metric_list, help="metric columns (default: what exists)")
+    report.add_argument("--embed", type=int, default=2, help="HTML: pictures per version inlined (default 2)")
+    report.add_argument(
+        "--experiment", default=REVIEW_EXPERIMENT, help=f"MLflow experiment (default {REVIEW_EXPERIMENT})"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    load_env_defaults()
+    try:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_server(uri)
+        client = tracking.client(uri)
+        if args.command == "list":
+            print(command_list(uri, client, name=args.name, metrics=args.metrics))
+        elif args.command == "compare":
+            print(command_compare(uri, client, name=args.name, first=args.first, second=args.second))
+        elif args.command == "promote":
+            print(command_promote(uri, client, name=args.name, version=args.version, metric=args.metric,
+                                  direction=args.direction, force=args.force, reason=args.reason))  # fmt: skip
+        else:
+            path, run_id = command_report(uri, client, name=args.name, out=args.out, metrics=args.metrics,
+                                          embed=args.embed, experiment=args.experiment)  # fmt: skip
+            print(f"report: {path} (logged to MLflow run {run_id}, experiment {args.experiment!r})")
+    except (tracking.TrackingError, ReviewError) as exc:  # RegistryError is a TrackingError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
