@@ -284,3 +284,170 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------------- re-ID job
+# (added for jobs/train_reid.py: ID-CondenseNet and the Dual-Stream CNN trained with distractors, METHOD.md §2-4)
+
+REID_MODELS = ("condensenet74", "condensenet_tiny", "dual_stream", "dual_stream_tiny")
+REID_LOSS_MODES = ("distractor_class", "lsro")
+REID_OPTIMIZERS = ("sgd", "adam")
+REID_SCHEDULES = ("cosine", "constant")
+EVAL_METRICS = ("euclidean", "cosine")
+# Smallest input side of the CondenseNets: the stem halves it and every block after the first halves it again.
+CONDENSENET_MIN_SIDE = {"condensenet74": 32, "condensenet_tiny": 4}
+
+
+def is_dual_stream(model_name: str) -> bool:
+    return model_name.startswith("dual_stream")
+
+
+@dataclass
+class ReidDataConfig:
+    """The real dataset: its training split is the N identities; query/gallery (or FLIMA's test session) evaluate."""
+
+    uri: str = "s3://reid-data/synthetic/msmt17"  # dataset root: s3://bucket/prefix or a local path
+    layout: str = "msmt17"  # msmt17 | market1501 | flima
+    options: dict[str, Any] = field(default_factory=dict)  # the layout reader's options, e.g. {test_session: s13}
+    image_size: tuple[int, int] = (256, 128)  # (height, width); the Dual-Stream CNN needs a square (64, 64)
+    max_images: int | None = None  # train on the first N training records only (smoke tests); None = all
+    on_bad_image: str = "raise"  # raise | skip
+    pad: int = 10  # training augmentation: zero padding (px) then a random crop back to image_size; 0 = none
+    flip: float = 0.5  # training augmentation: probability of a horizontal flip
+    loader_workers: int = 0  # DataLoader processes per training worker (forkserver: s3fs is not fork-safe)
+
+
+@dataclass
+class DistractorsConfig:
+    """The synthesised distractor set (``jobs/synthesize.py``): one extra class, never in query or gallery."""
+
+    uri: str | None = None  # the set's folder (with distractors.json); None = train without distractors
+    max_images: int | None = None  # use the first N images of the set (in index order); None = all
+    per_batch: int | None = None  # generated images added to every P×K batch; None = in proportion to the set sizes
+
+
+@dataclass
+class ReidModelConfig:
+    name: str = "condensenet74"  # condensenet74 | condensenet_tiny | dual_stream | dual_stream_tiny
+    feature_dim: int = 512  # D, the retrieval feature
+    dropout_rate: float = 0.0  # 0.4 for the Dual-Stream CNN (paper)
+    face_size: int = 64  # Dual-Stream face crop side (px); ignored by CondenseNet
+
+
+@dataclass
+class ReidLossConfig:
+    mode: str = "distractor_class"  # distractor_class (N+1 classes) | lsro (uniform over the N real classes)
+    group_lasso: float = 1e-5  # CondenseNet's group-lasso strength during condensation; 0 = off
+    face_presence: float = 1.0  # Dual-Stream: weight of the face-presence head's BCE on the face labels
+
+
+@dataclass
+class ReidOptimConfig:
+    """SGD + Nesterov 0.9, lr 0.1 cosine, weight decay 1e-4 (the authors' recipe); batch = P identities × K images."""
+
+    optimizer: str = "sgd"  # sgd | adam (the Dual-Stream CNN's recipe: adam, lr 1e-3)
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine (per step, to 0 at the end) | constant
+    epochs: int = 120
+    identities_per_batch: int = 16  # P, per worker
+    images_per_identity: int = 4  # K
+
+
+@dataclass
+class ReidEvalConfig:
+    metric: str = "euclidean"  # euclidean | cosine, on L2-normalised features
+    max_rank: int = 50  # length of the CMC curve
+    flip: bool = False  # average each image's feature with its horizontal flip's
+    batch_size: int = 128  # images per forward pass when extracting features
+
+
+@dataclass
+class ReidJobConfig:
+    data: ReidDataConfig = field(default_factory=ReidDataConfig)
+    distractors: DistractorsConfig = field(default_factory=DistractorsConfig)
+    model: ReidModelConfig = field(default_factory=ReidModelConfig)
+    loss: ReidLossConfig = field(default_factory=ReidLossConfig)
+    optim: ReidOptimConfig = field(default_factory=ReidOptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="reid"))
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(experiment="reid", registered_model="reid-condensenet")
+    )
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    eval: ReidEvalConfig = field(default_factory=ReidEvalConfig)
+
+    @property
+    def batch_size(self) -> int:
+        """Real images per worker and step: P × K (the distractors come on top)."""
+        return self.optim.identities_per_batch * self.optim.images_per_identity
+
+    def validate(self) -> None:
+        check_choice("data.layout", self.data.layout, LAYOUTS)
+        check_choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
+        check_choice("model.name", self.model.name, REID_MODELS)
+        check_choice("loss.mode", self.loss.mode, REID_LOSS_MODES)
+        check_choice("optim.optimizer", self.optim.optimizer, REID_OPTIMIZERS)
+        check_choice("optim.schedule", self.optim.schedule, REID_SCHEDULES)
+        check_choice("eval.metric", self.eval.metric, EVAL_METRICS)
+        check_choice("scaling.precision", self.scaling.precision, PRECISIONS)
+        if not self.data.uri:
+            raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
+        for key, value in (
+            ("optim.lr", self.optim.lr),
+            ("optim.epochs", self.optim.epochs),
+            ("optim.identities_per_batch", self.optim.identities_per_batch),
+            ("optim.images_per_identity", self.optim.images_per_identity),
+            ("model.feature_dim", self.model.feature_dim),
+            ("model.face_size", self.model.face_size),
+            ("eval.max_rank", self.eval.max_rank),
+            ("eval.batch_size", self.eval.batch_size),
+            ("scaling.num_workers", self.scaling.num_workers),
+            ("scaling.cpus_per_worker", self.scaling.cpus_per_worker),
+        ):
+            check_positive(key, value)
+        for key, value in (
+            ("optim.weight_decay", self.optim.weight_decay),
+            ("loss.group_lasso", self.loss.group_lasso),
+            ("loss.face_presence", self.loss.face_presence),
+            ("data.pad", self.data.pad),
+            ("data.loader_workers", self.data.loader_workers),
+        ):
+            if value < 0:
+                raise ConfigError(f"{key}: expected ≥ 0, got {value}")
+        if not 0.0 <= self.optim.momentum < 1.0:
+            raise ConfigError(f"optim.momentum: expected a value in [0, 1), got {self.optim.momentum}")
+        if self.optim.nesterov and self.optim.optimizer == "sgd" and self.optim.momentum == 0:
+            raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+        check_unit_interval("data.flip", self.data.flip)
+        if not 0.0 <= self.model.dropout_rate < 1.0:
+            raise ConfigError(f"model.dropout_rate: expected a value in [0, 1), got {self.model.dropout_rate}")
+        if self.scaling.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.scaling.zero_stage}")
+        for key, value in (("data.max_images", self.data.max_images),
+                           ("distractors.max_images", self.distractors.max_images)):  # fmt: skip
+            if value is not None:
+                check_positive(key, value)
+        if self.distractors.per_batch is not None and self.distractors.per_batch < 0:
+            raise ConfigError(
+                f"distractors.per_batch: expected ≥ 0 or null (proportional), got {self.distractors.per_batch}"
+            )
+        if self.distractors.uri is not None and not self.distractors.uri:
+            raise ConfigError("distractors.uri: empty; give the set's folder or null to train without distractors")
+        h, w = self.data.image_size
+        if is_dual_stream(self.model.name):
+            if h != w:
+                raise ConfigError(
+                    f"data.image_size: the Dual-Stream CNN reads square person images, got {h}×{w} (the paper: [64, 64])"
+                )
+            if self.model.face_size != h:
+                raise ConfigError(
+                    f"model.face_size: {self.model.face_size} must equal the person image side {h} (the registered "
+                    "Dual-Stream model stacks image and face crop into one (N, 6, S, S) input)"
+                )
+        else:
+            side = CONDENSENET_MIN_SIDE[self.model.name]
+            if min(h, w) < side:
+                raise ConfigError(f"data.image_size: {self.model.name} needs sides of at least {side} px, got {h}×{w}")

@@ -211,3 +211,228 @@ def _log_gan_epoch(
         tracking.log_png(uri, run_id, sample_grid(samples), f"samples/epoch_{epoch:03d}.png")
     except Exception as exc:  # noqa: BLE001 - reported, not hidden
         log.warning("MLflow at %s: epoch %d metrics/samples NOT logged: %s: %s", uri, epoch, type(exc).__name__, exc)
+
+
+# ------------------------------------------------------------------------------------------------ re-ID training
+def reid_model_kwargs(name: str, *, num_classes: int, feature_dim: int, dropout_rate: float, image_size, face_size):
+    """Keyword arguments of ``build_model(name, ...)`` for the re-ID models (saved in the checkpoint's meta)."""
+    from reid_core.config import is_dual_stream
+
+    kwargs = {"num_classes": num_classes, "feature_dim": feature_dim, "dropout_rate": dropout_rate}
+    if is_dual_stream(name):
+        kwargs.update(image_size=int(image_size[0]), face_size=int(face_size))
+    return kwargs
+
+
+def cosine_lr(base_lr: float, progress: float) -> float:
+    """Cosine annealing from ``base_lr`` at progress 0 to 0 at progress 1."""
+    import math
+
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def train_reid_loop(loop_config: dict) -> None:
+    """Ray Train worker: a re-ID network (CondenseNet or Dual-Stream) on real identities + the distractor class.
+
+    One DeepSpeed engine. Every step: training progress p = (epoch + step / steps) / epochs is passed explicitly to the
+    learning-rate schedule and to CondenseNet's condensation (its stages fall in the first half, pruned masks are
+    buffers, so they are in the checkpoint); the loss is ``reid_loss`` (distractor class or LSRO) plus the group lasso.
+    Each epoch every rank saves its checkpoint shard and reports; rank 0 logs loss / accuracy to MLflow.
+    """
+    import ray.train
+
+    from reid_core.config import ReidJobConfig, is_dual_stream
+
+    cfg = from_dict(ReidJobConfig, loop_config["job"])
+    _setup_accelerator(cfg.scaling.use_gpu)
+    import deepspeed
+    from torch.utils.data import DataLoader
+
+    from reid_core.data import ReIDDataset, build_transforms, read_layout
+    from reid_core.losses import reid_loss
+    from reid_core.models import build_model
+    from reid_core.models.condense import group_lasso_loss, learned_group_convs
+    from reid_core.train.checkpoint import load_engines, save_engines
+    from reid_core.train.deepspeed import deepspeed_config, dist_backend
+    from reid_core.train.reid_data import (
+        FaceStreamDataset,
+        MixedBatchSampler,
+        all_face_boxes,
+        distractors_per_batch,
+        limit_training,
+        read_distractor_set,
+        training_records,
+    )
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    mlflow_uri, run_id = loop_config["mlflow_uri"], loop_config["run_id"]
+    torch.manual_seed(cfg.run.seed + rank)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
+    dual = is_dual_stream(cfg.model.name)
+
+    # --- data: real identities 0..N-1, then the distractor class N
+    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
+    real, _ = limit_training(splits.train, cfg.data.max_images)
+    distractors = (
+        read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images) if cfg.distractors.uri else None
+    )
+    training = training_records(real, distractors)
+    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
+                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    sampler = MixedBatchSampler(
+        training, identities_per_batch=cfg.optim.identities_per_batch,
+        images_per_identity=cfg.optim.images_per_identity, distractors_per_batch=per_batch, seed=cfg.run.seed,
+        rank=rank, world_size=world,
+    )  # fmt: skip
+    steps = len(sampler)
+    if steps == 0:
+        raise ValueError(
+            f"{cfg.data.uri}: {training.num_real} training images of {training.num_classes} identities give no full "
+            f"batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on {world} workers"
+        )
+    h, w = cfg.data.image_size
+    if dual:
+        from reid_core.guidance.faces import FaceDetector
+
+        t_faces = time.perf_counter()
+        with FaceDetector(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
+            boxes = all_face_boxes(training.records, detector, rank=rank, world=world)
+        log.info("rank %d: face boxes of %d records in %.1f s (%d with a face)", rank, len(boxes),
+                 time.perf_counter() - t_faces, sum(b is not None for b in boxes.values()))  # fmt: skip
+        dataset = FaceStreamDataset(training.records, boxes, image_size=h, face_size=cfg.model.face_size, train=True,
+                                    flip_p=cfg.data.flip, on_bad_image=cfg.data.on_bad_image)  # fmt: skip
+    else:
+        dataset = ReIDDataset(training.records, build_transforms(h, w, train=True, flip_p=cfg.data.flip,
+                              pad=cfg.data.pad), on_bad_image=cfg.data.on_bad_image)  # fmt: skip
+    loader_kwargs = {"num_workers": cfg.data.loader_workers}
+    if cfg.data.loader_workers:
+        loader_kwargs.update(multiprocessing_context="forkserver", persistent_workers=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
+    is_generated = training.is_generated
+
+    # --- model and engine: the torch optimizer (SGD + Nesterov or Adam) is passed to DeepSpeed on every path
+    model_kwargs = reid_model_kwargs(cfg.model.name, num_classes=training.num_classes, feature_dim=cfg.model.feature_dim,
+                                     dropout_rate=cfg.model.dropout_rate, image_size=(h, w),
+                                     face_size=cfg.model.face_size)  # fmt: skip
+    model = build_model(cfg.model.name, **model_kwargs)
+    condenses = bool(learned_group_convs(model))
+    ds_cfg = deepspeed_config(micro_batch_size=sampler.batch_size, world_size=world, use_gpu=cfg.scaling.use_gpu,
+                              precision=cfg.scaling.precision, zero_stage=cfg.scaling.zero_stage, lr=cfg.optim.lr)  # fmt: skip
+    ds_cfg.pop("optimizer", None)  # DeepSpeed's own section is Adam; the recipe is SGD: pass a torch optimizer
+    ds_cfg["zero_allow_untested_optimizer"] = True
+    if cfg.optim.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+
+    # --- resume: the latest reported checkpoint of this run (masks and condensing stages are buffers: restored too)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            meta = load_engines(directory, {"model": engine}, world_size=world)
+        start_epoch = meta["epoch"] + 1
+        log.info("rank %d resumed from epoch %d (%s)", rank, meta["epoch"], checkpoint.path)
+
+    extra_meta = {
+        "model": {"name": cfg.model.name, "kwargs": model_kwargs},
+        "image_size": [h, w],
+        "num_classes": training.num_classes,
+        "num_real": training.num_real,
+        "num_generated": training.num_generated,
+        "distractors_per_batch": per_batch,
+        "steps_per_epoch": steps,
+    }
+    log.info("rank %d: %d real images of %d identities + %d distractors; %d steps/epoch of %d+%d images",
+             rank, training.num_real, training.num_classes, training.num_generated, steps, cfg.batch_size, per_batch)  # fmt: skip
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        engine.train()
+        # The same keys on every rank: they are all-reduced as one tensor.
+        sums = dict.fromkeys(("loss", "correct", "real", "distractor_correct", "generated", "skipped_images",
+                              "group_lasso", "face_presence_loss"), 0.0)  # fmt: skip
+        t_epoch = time.perf_counter()
+        for step, batch in enumerate(loader):
+            progress = (epoch + step / steps) / cfg.optim.epochs
+            lr = cosine_lr(cfg.optim.lr, progress) if cfg.optim.schedule == "cosine" else cfg.optim.lr
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            if condenses:
+                engine.module.apply_condensation(progress)
+            images = batch["image"].to(device, dtype)
+            labels = batch["pid"].to(device)
+            generated = is_generated[batch["index"]].to(device)
+            if dual:
+                has_face = batch["has_face"].to(device)
+                logits = engine(images, batch["face_crop"].to(device, dtype), has_face)
+            else:
+                logits = engine(images)
+            logits = logits.float()
+            loss = reid_loss(logits, labels, generated, mode=cfg.loss.mode)
+            total = loss
+            if condenses and cfg.loss.group_lasso:
+                lasso = group_lasso_loss(engine.module)
+                total = total + cfg.loss.group_lasso * lasso
+                sums["group_lasso"] += lasso.item()
+            if dual and cfg.loss.face_presence:
+                face_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    engine.module.face_logit(images).float(), has_face.float()
+                )
+                total = total + cfg.loss.face_presence * face_loss
+                sums["face_presence_loss"] += face_loss.item()
+            engine.backward(total)
+            engine.step()
+
+            with torch.no_grad():
+                real = ~generated
+                predicted = logits[:, : training.num_classes].argmax(1)
+                sums["loss"] += loss.item()
+                sums["correct"] += float((predicted[real] == labels[real]).sum())
+                sums["real"] += float(real.sum())
+                if generated.any():
+                    sums["distractor_correct"] += float((logits.argmax(1)[generated] == training.num_classes).sum())
+                    sums["generated"] += float(generated.sum())
+                sums["skipped_images"] += float(batch["skipped"].sum())
+        epoch_seconds = time.perf_counter() - t_epoch
+
+        # Sums over ranks (equal step counts on every rank), then means.
+        keys = sorted(sums)
+        stacked = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(stacked)
+        total_sums = dict(zip(keys, stacked.tolist(), strict=True))
+        metrics = {
+            "loss": total_sums["loss"] / (steps * world),
+            "accuracy": total_sums["correct"] / max(total_sums["real"], 1.0),
+            "lr": lr,
+            "epoch": epoch,
+            "images_per_second": steps * sampler.batch_size * world / epoch_seconds,
+            "skipped_images": total_sums["skipped_images"],
+        }
+        if condenses and cfg.loss.group_lasso:
+            metrics["group_lasso"] = total_sums["group_lasso"] / (steps * world)
+        if dual and cfg.loss.face_presence:
+            metrics["face_presence_loss"] = total_sums["face_presence_loss"] / (steps * world)
+        if cfg.loss.mode == "distractor_class" and total_sums["generated"]:
+            metrics["distractor_accuracy"] = total_sums["distractor_correct"] / total_sums["generated"]
+        if condenses:
+            metrics["condensing_stage"] = float(min(int(m.stage) for m in learned_group_convs(engine.module)))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_engines(tmp, {"model": engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
+            if rank == 0:
+                _log_reid_epoch(mlflow_uri, run_id, metrics, epoch)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _log_reid_epoch(uri: str, run_id: str, metrics: dict, epoch: int) -> None:
+    """Rank 0: the epoch's metrics (a tracking failure is a warning naming what was not recorded, not a stop)."""
+    try:
+        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+    except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        log.warning("MLflow at %s: epoch %d metrics NOT logged: %s: %s", uri, epoch, type(exc).__name__, exc)

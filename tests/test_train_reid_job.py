@@ -1,0 +1,142 @@
+"""End to end: the re-ID job submitted with `ray job submit` to a real Ray head, reading a synthetic dataset and a
+distractor set from the loopback S3, checkpointing into it, and registering the converted CondenseNet in a real MLflow
+server; plus the job's one-line refusal of an incomplete distractor set, before Ray starts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], env: dict, timeout: int, expect: int = 0) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect, (
+        f"{cmd[:3]} exited {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    return proc
+
+
+def write_distractor_set(out: str, n: int, *, complete: bool = True) -> None:
+    """A conforming set (jobs/synthesize.py's format) of noisy 64×32 JPEGs, ``distractors.json`` written last."""
+    from reid_core import storage
+
+    rng = np.random.default_rng(0)
+    files, rows = {}, []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+        files[f"{out}/images/{i:06d}.jpg"] = buf.getvalue()
+        rows.append((f"images/{i:06d}.jpg", i, 0, 1))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("path", "index", "seed", "face_absent"))
+    writer.writerows(rows)
+    files[f"{out}/manifest.csv"] = text.getvalue().encode()
+    storage.write_many(files)
+    if complete:
+        meta = {"format": "reid-distractors/1", "num_images": n, "image_size": [64, 32], "manifest": "manifest.csv",
+                "images": "images/", "generator": {"pinned_uri": "models:/test-gen/1"}}  # fmt: skip
+        storage.write_bytes(f"{out}/distractors.json", json.dumps(meta).encode())
+
+
+def test_an_incomplete_distractor_set_fails_in_one_line_before_ray(s3_env, s3_url):
+    from reid_core import storage
+
+    data = f"{s3_url}/msmt17"
+    run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "8", "--images-per-id", "4"], s3_env, 120)
+    write_distractor_set(f"{s3_url}/distractors", 4, complete=False)
+    proc = run(
+        [sys.executable, "jobs/train_reid.py", "--config", "configs/reid_demo.yaml", "--set", f"data.uri={data}",
+         "--set", f"distractors.uri={s3_url}/distractors", "--set", f"run.storage={s3_url}/ray-results",
+         "--set", "tracking.uri=http://127.0.0.1:9"],
+        s3_env, 120, expect=2,
+    )  # fmt: skip
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
+    assert proc.stderr.startswith(f"error: distractor set {s3_url}/distractors is incomplete: no distractors.json")
+    assert not storage.exists(f"{s3_url}/ray-results")  # nothing started
+
+
+@pytest.mark.slow
+def test_train_reid_smoke_test_through_ray_job_submit(s3_server, services_stack, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    env = services_stack.full_env
+    tag = uuid.uuid4().hex[:6]
+    data = f"s3://{s3_server.bucket}/reid-{tag}/msmt17"
+    distractors = f"s3://{s3_server.bucket}/reid-{tag}/distractors"
+    run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "20", "--images-per-id", "8", "--cameras", "3"],
+        env, timeout=300)  # fmt: skip
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    write_distractor_set(distractors, 24)
+    runtime_env = {
+        "env_vars": {**{k: v for k, v in env.items() if not k.startswith("RAY_")}, "DS_ACCELERATOR": "cpu"},
+        "excludes": services_stack.runtime_env()["excludes"],
+    }
+    model_name = f"reid-{tag}"
+    proc = run(
+        [
+            str(BIN / "ray"), "job", "submit", "--address", services_stack.dashboard_url, "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "python", "jobs/train_reid.py", "--config", "configs/reid_demo.yaml", "--smoke-test",
+            "--set", f"data.uri={data}", "--set", f"distractors.uri={distractors}",
+            "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=e2e-reid-{tag}",
+            "--set", f"tracking.registered_model={model_name}", "--set", "tracking.experiment=e2e-reid",
+        ],
+        env,
+        timeout=900,
+    )  # fmt: skip
+    assert "=== train_reid summary ===" in proc.stdout
+    assert "succeeded" in proc.stdout + proc.stderr
+
+    client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
+    version = client.get_model_version_by_alias(model_name, "candidate")
+    assert version.tags["converted"] == "True" and version.tags["model"] == "condensenet_tiny"
+    assert version.tags["distractors.uri"] == distractors and version.tags["num_distractors"] == "24"
+    run_id = version.run_id
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FINISHED"
+    metrics, params = run_info.data.metrics, run_info.data.params
+    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"]
+    assert 0 < metrics["flops"] < metrics["flops_training_form"]  # conversion removes the pruned connections
+    assert 0 < metrics["params"] < metrics["params_training_form"]
+    assert metrics["convert_max_rel_diff"] <= 1e-4
+    assert params["distractors.num_images"] == "24" and params["loss.mode"] == "distractor_class"
+    for key in ("loss", "accuracy", "distractor_accuracy", "condensing_stage"):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == [0, 1], key  # one point per epoch
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "loss"))
+    assert client.get_metric_history(run_id, "condensing_stage")[-1].value == 3  # C - 1 stages by the end
+    exported = [a.path for a in client.list_artifacts(run_id, "export")]
+    assert "export/model.torchscript.pt" in exported
+
+    # The registered (converted) model loads through the alias and returns L2-normalised features; so does the
+    # TorchScript export, with the same values.
+    import mlflow.pytorch
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services_stack.mlflow_uri)
+    model = mlflow.pytorch.load_model(f"models:/{model_name}@candidate")
+    x = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = model(x)
+    assert feats.shape == (3, 128) and torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
+    scripted = torch.jit.load(client.download_artifacts(run_id, "export/model.torchscript.pt"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), feats, atol=1e-5)
