@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mlflow_uri, training = pre["mlflow_uri"], pre["training"]
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from reid_core.train.loops import train_reid_loop
+    from reid_core.train.loops import make_trainer, train_reid_loop
 
     run_id = tracking.find_run(mlflow_uri, cfg.tracking.experiment, cfg.run.name)
     if run_id is None:
@@ -134,23 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("continuing MLflow run %s (run name %r): Ray resumes from its last checkpoint", run_id, cfg.run.name)
 
     init_ray_for_job(use_gpu=cfg.scaling.use_gpu)
-    storage_path, storage_fs = storage.ray_storage(cfg.run.storage, pre["settings"])
-    trainer = TorchTrainer(
+    trainer = make_trainer(
         train_reid_loop,
-        train_loop_config={"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-        ),
+        {"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id},
+        scaling=cfg.scaling,
+        run=cfg.run,
+        settings=pre["settings"],
     )
     t_fit = time.perf_counter()
     try:

@@ -22,6 +22,34 @@ from reid_core.config import GanJobConfig, from_dict
 log = logging.getLogger(__name__)
 
 
+def make_trainer(loop, loop_config: dict, *, scaling, run, settings):
+    """The ``TorchTrainer`` every job builds: workers from ``scaling`` (a ``config.ScalingConfig``), run name, S3
+    checkpoint storage, failure and checkpoint policy from ``run`` (a ``config.RunConfig``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from reid_core import storage
+
+    storage_path, storage_fs = storage.ray_storage(run.storage, settings)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+        ),
+    )
+
+
 def _setup_accelerator(use_gpu: bool) -> None:
     """DeepSpeed picks its accelerator at import: select the CPU one explicitly unless the run is on GPUs."""
     if not use_gpu:
