@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -249,6 +250,8 @@ def section_b(s: Sizes) -> None:
 def section_c(s: Sizes) -> None:
     n = s.queries + s.gallery
     print(f"(c) k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3): {s.queries} q x {s.gallery} g x {s.dim}-d, N = {n}")
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")
+    logging.getLogger("reid_core.metrics.reranking").setLevel(logging.INFO)  # prints the sparse encodings' sizes
     q, g, ids = make_data(s, kind="random")
     rows = _default_chunk_rows(s.queries, s.gallery)
     t_mm = bare_product_seconds(q, g, rows)

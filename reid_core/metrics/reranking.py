@@ -286,28 +286,28 @@ def k_reciprocal_distance_chunks(
     v = _encode(sets, all_q, all_g, row_max)
     v = _query_expansion(v, neighbours, k2, pair_budget=_PAIR_BUDGET)
     by_column = _gallery_columns(v, num_q, num_items)
+    # Query blocks: at most `rows` rows and about _PAIR_BUDGET overlap pairs each.
+    owner = np.repeat(np.arange(num_q), v.row_lengths()[:num_q])
+    overlap_terms = by_column.row_lengths()[v.indices[: v.indptr[num_q]]]
+    pairs_per_query = np.bincount(owner, weights=overlap_terms, minlength=num_q).astype(np.int64)
     logger.info(
-        "re-ranking: %d images, %.1f expanded neighbours per image, %.1f non-zeros per encoding",
+        "re-ranking: %d images, %.1f expanded neighbours per image, %.1f non-zeros per encoding, "
+        "%.3g query-gallery overlap terms",
         num_items,
         len(sets.indices) / num_items,
         len(v.indices) / num_items,
+        float(pairs_per_query.sum()),
     )
-
-    # Query blocks: at most `rows` rows and about _PAIR_BUDGET overlap pairs each.
-    pairs_per_query = np.zeros(num_q, dtype=np.int64)
-    col_len = by_column.row_lengths()
-    q_lengths = v.row_lengths()[:num_q]
-    owner = np.repeat(np.arange(num_q), q_lengths)
-    np.add.at(pairs_per_query, owner, col_len[v.indices[: v.indptr[num_q]]])
     gallery_all = slice(num_q, num_items)
     g_aug = _PreparedFeatures(all_g.augmented[gallery_all], all_g.sq_norms[gallery_all])
+    buffer = torch.empty((min(rows, num_q), num_g), dtype=all_q.augmented.dtype)
     start = 0
     while start < num_q:
         budget_rows = int(np.searchsorted(np.cumsum(pairs_per_query[start:]), _PAIR_BUDGET, side="right"))
         stop = min(num_q, start + min(rows, max(1, budget_rows)))
         overlap = _jaccard_overlap(v, by_column, start, stop, num_g)
         jaccard = 1.0 - overlap / (2.0 - overlap)
-        original = _distance_block(all_q, g_aug, start, stop).float()
+        original = _distance_block(all_q, g_aug, start, stop, out=buffer).float()
         original /= torch.from_numpy(row_max[start:stop]).float().unsqueeze(1)
         final = jaccard.mul_(1.0 - lambda_value).add_(original, alpha=lambda_value)
         yield start, stop, final.numpy()
