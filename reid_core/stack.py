@@ -430,7 +430,7 @@ def init_ray_for_job(*, use_gpu: bool = False) -> None:
 
 RUNTIME_ENV_EXCLUDES = [
     ".stack/", ".venv/", ".git/", "/data/", "*.db", ".env", "mlruns/", "**/__pycache__/", ".pytest_cache/",
-    ".ruff_cache/", ".hypothesis/", "*.egg-info/",
+    ".ruff_cache/", ".hypothesis/", "*.egg-info/", "cluster/kuberay/crds/",
 ]  # fmt: skip
 
 

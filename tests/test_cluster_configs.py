@@ -24,7 +24,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+CRD_DIR = ROOT / "cluster" / "kuberay" / "crds"  # vendored: CI has only this repository
 LAUNCHER = ROOT / "cluster" / "ray-cluster.aws.yaml"
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
 RAYCLUSTER = ROOT / "cluster" / "kuberay" / "raycluster.yaml"
