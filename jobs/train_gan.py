@@ -105,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     version = register_generator(cfg, mlflow_uri, run_id, result.checkpoint)
     tracking.set_terminated(mlflow_uri, run_id, "FINISHED")
-    art = tracking.artifact_uri(mlflow_uri, run_id)
+    run = tracking.client(mlflow_uri).get_run(run_id)
+    run_page = f"{mlflow_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
     print("\n=== train_gan summary ===")
-    print(f"MLflow run:        {run_id} ({mlflow_uri}, experiment {cfg.tracking.experiment!r})")
+    print(f"MLflow run:        {run_id} (experiment {cfg.tracking.experiment!r})")
+    print(f"                   {run_page}")
     print(f"registered model:  {cfg.tracking.registered_model} version {version} (alias @{cfg.tracking.alias})")
-    print(f"sample grids:      {art}/samples/")
+    print(f"sample grids:      {run.info.artifact_uri}/samples/ (Artifacts tab of the run page)")
     print(f"checkpoint:        {result.checkpoint.path}")
     print(f"last epoch:        { ({k: round(v, 4) for k, v in (result.metrics or {}).items()}) }")
     return 0
