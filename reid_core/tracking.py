@@ -6,7 +6,6 @@ worker (another process, maybe another node) log into the same run without relyi
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -100,13 +99,11 @@ def log_png(uri: str, run_id: str, image, artifact_file: str) -> None:
     """Log a PIL image as a PNG artifact at ``artifact_file`` (e.g. ``samples/epoch_003.png``)."""
     import tempfile
 
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
-        path.write_bytes(buf.getvalue())
+        image.save(path, format="PNG")
         parent = str(Path(artifact_file).parent)
-        client(uri).log_artifact(run_id, str(path), artifact_path=None if parent == "." else parent)
+        log_artifact_file(uri, run_id, path, artifact_path=None if parent == "." else parent)
 
 
 def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:
