@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty location")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny dataset (4 ids, 2 cameras), read back")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.smoke_test:
         for key, value in SMOKE_TEST.items():
             setattr(args, key, value)
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # after the checks
     from tqdm import tqdm
 
     from reid_core.data import read_layout

@@ -30,6 +30,14 @@ class StorageError(RuntimeError):
     """A storage location is unreachable, missing or refused; the message names the endpoint and bucket."""
 
 
+class RangeNotSatisfiableError(StorageError):
+    """A ranged read starts past the end of the object (``url``): it is shorter than the caller expected."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Where S3 is and how to reach it. ``endpoint_url=None`` means AWS itself (botocore's default resolution)."""
@@ -225,6 +233,49 @@ def read_many(urls: Iterable[str], settings: S3Settings | None = None, batch_siz
             raise _wrap(value, url, settings) from value
         out[url] = value
     return out
+
+
+def read_ranges(
+    requests: list[tuple[str, int, int]], settings: S3Settings | None = None, batch_size: int = 64
+) -> list[bytes]:
+    """Byte ranges ``[start, end)`` of objects, given as (url, start, end), with up to ``batch_size`` requests in
+    flight (s3fs's async ``cat_ranges``; local files too). Returns the bytes in the order of ``requests``.
+
+    A range past the end of the object comes back short: callers that know the size must check it.
+    """
+    if not requests:
+        return []
+    fs, _ = filesystem(requests[0][0], settings)
+    paths = [filesystem(url, settings)[1] for url, _, _ in requests]
+    starts = [start for _, start, _ in requests]
+    ends = [end for _, _, end in requests]
+    try:
+        if is_s3(requests[0][0]):
+            got = fs.cat_ranges(paths, starts, ends, batch_size=batch_size, on_error="return")
+        else:
+            got = fs.cat_ranges(paths, starts, ends, on_error="return")
+    except Exception as exc:
+        raise _wrap(exc, requests[0][0], settings) from exc
+    for (url, _, _), value in zip(requests, got, strict=True):
+        if isinstance(value, FileNotFoundError):
+            raise StorageError(f"object not found: {url}")
+        if isinstance(value, Exception):
+            if "range is not satisfiable" in str(value).lower() or "invalidrange" in str(value).lower():
+                raise RangeNotSatisfiableError(f"{url}: a requested range starts past the end of the object", url)
+            raise _wrap(value, url, settings) from value
+    return got
+
+
+def object_info(url: str, settings: S3Settings | None = None) -> dict[str, int | str | None]:
+    """``{"size": bytes, "etag": S3 ETag (None for local files)}`` of one object, fresh (no listing cache)."""
+    fs, path = filesystem(url, settings)
+    try:
+        info = fs.info(path, refresh=True) if is_s3(url) else fs.info(path)
+    except FileNotFoundError:
+        raise StorageError(f"object not found: {url}") from None
+    except Exception as exc:
+        raise _wrap(exc, url, settings) from exc
+    return {"size": int(info["size"]), "etag": info.get("ETag") if is_s3(url) else None}
 
 
 def exists(url: str, settings: S3Settings | None = None) -> bool:

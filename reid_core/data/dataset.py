@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 
 from reid_core import storage
 from reid_core.data.layouts import Record
+from reid_core.data.shards import read_record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +195,16 @@ class ReIDDataset(Dataset):
         return self._sample(index, None)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        """A batch: all its images are read with one ``storage.read_many`` (many requests in flight)."""
-        paths = list(dict.fromkeys(self.records[i].path for i in indices if self.records[i].path not in self.bad))
+        """A batch: all its images are read at once (many requests in flight; ranged reads of the shards when the
+        dataset is packed), see ``shards.read_record_bytes``."""
+        wanted = {self.records[i].path: self.records[i] for i in indices if self.records[i].path not in self.bad}
         try:
-            prefetched = storage.read_many(paths, self.settings, batch_size=self.read_batch_size)
+            prefetched = read_record_bytes(wanted.values(), self.settings, batch_size=self.read_batch_size)
         except FileNotFoundError:
             prefetched = None  # a missing object: read one by one so the bad-image policy sees which
         except storage.StorageError:
-            if any(storage.is_s3(p) for p in paths):
-                raise  # the transport failed, not an image
+            if any(storage.is_s3(r.path) or r.shard is not None for r in wanted.values()):
+                raise  # the transport failed or a shard changed: not a property of one image
             prefetched = None  # an unreadable local file: same as above
         return [self._sample(i, prefetched) for i in indices]
 
@@ -213,6 +215,9 @@ class ReIDDataset(Dataset):
         try:
             if prefetched is not None and record.path in prefetched:
                 image = load_image(prefetched[record.path], path=record.path)
+            elif record.shard is not None:
+                data = read_record_bytes([record], self.settings)[record.path]
+                image = load_image(data, path=record.path)
             else:
                 image = load_image(record.path, settings=self.settings)
             return _crop(image, record.box, record.path)

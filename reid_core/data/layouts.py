@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reid_core import storage
+from reid_core.data.shards import PACK_INDEX, ShardLocation, read_members, read_pack
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class Record:
         frame: frame number, if known.
         box: ``(x, y, w, h)`` in pixels of the person box inside the image at ``path``; ``None`` means the whole
             image is the person crop.
+        shard: where the bytes are when the dataset is packed (``reid_core.data.shards``): then ``path`` is the
+            image's path below the pack root, which names it in messages but is no object of its own; ``None`` means
+            ``path`` is the object to read.
     """
 
     path: str
@@ -80,6 +84,7 @@ class Record:
     session: str | None = None
     frame: int | None = None
     box: tuple[int, int, int, int] | None = None
+    shard: ShardLocation | None = None
 
     def __post_init__(self) -> None:
         if self.orig_pid is None:
@@ -147,13 +152,30 @@ class Splits:
 
 @dataclass(frozen=True)
 class _Tree:
-    """Every file below ``base`` (one recursive listing), as paths relative to ``base``."""
+    """Every file below ``base`` (one recursive listing), as paths relative to ``base``; for a packed dataset the
+    pack's files, with ``shards`` saying where each one's bytes are."""
 
     base: str
     files: frozenset[str]
+    shards: dict[str, ShardLocation] | None = None
 
     def url(self, rel: str) -> str:
         return storage.join(self.base, rel)
+
+    def shard(self, rel: str) -> ShardLocation | None:
+        return None if self.shards is None else self.shards[rel]
+
+    def read_text(self, rel: str) -> str:
+        """A list file or manifest as text (from its shard in a pack)."""
+        url = self.url(rel)
+        if self.shards is None:
+            raw = storage.read_bytes(url)
+        else:
+            (raw,) = read_members([self.shards[rel]], names=[url])
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise LayoutError(f"{url} is not UTF-8 text ({exc})") from None
 
     def has_dir(self, rel_dir: str) -> bool:
         prefix = rel_dir.rstrip("/") + "/"
@@ -171,8 +193,13 @@ class _Tree:
         if not rel_dir:
             return self
         prefix = rel_dir.rstrip("/") + "/"
+        shards = None
+        if self.shards is not None:
+            shards = {f[len(prefix) :]: loc for f, loc in self.shards.items() if f.startswith(prefix)}
         return _Tree(
-            base=self.url(rel_dir), files=frozenset(f[len(prefix) :] for f in self.files if f.startswith(prefix))
+            base=self.url(rel_dir),
+            files=frozenset(f[len(prefix) :] for f in self.files if f.startswith(prefix)),
+            shards=shards,
         )
 
 
@@ -181,6 +208,11 @@ def _list_tree(root: str) -> _Tree:
     prefix = base.rstrip("/") + "/"
     files = frozenset(f[len(prefix) :] for f in storage.list_files(root) if f.startswith(prefix))
     log.debug("listed %d files below %s", len(files), base)
+    if PACK_INDEX in files:
+        pack = read_pack(base)
+        log.info("%s is a pack of %s: %d files in %d shards", base, pack.index.get("source"), len(pack.locations),
+                 len(pack.index["shards"]))  # fmt: skip
+        return _Tree(base=base, files=frozenset(pack.locations), shards=pack.locations)
     return _Tree(base=base, files=files)
 
 
@@ -210,14 +242,6 @@ def _name_some(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_NAMED])
     rest = len(items) - _MAX_NAMED
     return shown + (f" and {rest} others" if rest > 0 else "")
-
-
-def _read_text(url: str) -> str:
-    raw = storage.read_bytes(url)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise LayoutError(f"{url} is not UTF-8 text ({exc})") from None
 
 
 def _natural_key(text: str) -> list:
@@ -339,7 +363,7 @@ def read_msmt17(root: str, *, merge_val: bool = False, version: str | None = Non
     lists: dict[str, list[_ListEntry]] = {}
     for name in _MSMT17_LISTS:
         if name in tree.files:
-            lists[name] = _parse_msmt17_list(_read_text(tree.url(name)), tree.url(name), name)
+            lists[name] = _parse_msmt17_list(tree.read_text(name), tree.url(name), name)
     if "list_val.txt" not in lists:
         log.info("%s has no list_val.txt: no val split", tree.base)
 
@@ -352,6 +376,7 @@ def read_msmt17(root: str, *, merge_val: bool = False, version: str | None = Non
         return [
             Record(
                 path=tree.url(f"{folder}/{e.rel}"),
+                shard=tree.shard(f"{folder}/{e.rel}"),
                 pid=labels[e.pid] if labels is not None else e.pid,
                 camid=e.camid,
                 face=None,
@@ -474,6 +499,7 @@ def read_market1501(root: str) -> Splits:
         return [
             Record(
                 path=tree.url(rel),
+                shard=tree.shard(rel),
                 pid=labels[pid] if labels is not None else pid,
                 camid=camid,
                 face=None,
@@ -626,7 +652,7 @@ def read_flima(
         _list_tree(root), FLIMA_MANIFEST, is_dir=False, layout="flima", expected=f"{FLIMA_MANIFEST} (see docs/flima.md)"
     )
     url = tree.url(FLIMA_MANIFEST)
-    rows = _parse_flima_manifest(_read_text(url), url)
+    rows = _parse_flima_manifest(tree.read_text(FLIMA_MANIFEST), url)
     if not rows:
         raise LayoutError(f"{url}: the manifest has a header but no rows (zero identities)")
 
@@ -669,6 +695,7 @@ def read_flima(
     def record(row: _FlimaRow, pid: int) -> Record:
         return Record(
             path=tree.url(row.rel),
+            shard=tree.shard(row.rel),
             pid=pid,
             camid=camids[row.camera],
             face=row.face,

@@ -204,14 +204,14 @@ def face_absent_table(records, detector, *, rank: int, world: int, chunk: int = 
     (records rank, rank + world, ...), then the shares are all-gathered so every rank holds the whole table."""
     import torch.distributed as dist
 
-    from reid_core import storage
     from reid_core.data import load_image
+    from reid_core.data.shards import read_record_bytes
 
     mine = list(range(rank, len(records), world))
     values = torch.ones(len(records))
     for start in range(0, len(mine), chunk):
         idx = mine[start : start + chunk]
-        data = storage.read_many([records[i].path for i in idx])
+        data = read_record_bytes([records[i] for i in idx])  # plain objects or packed shards alike
         images = [load_image(data[records[i].path], path=records[i].path) for i in idx]
         values[idx] = detector.detect(images).face_absent
     if world > 1:

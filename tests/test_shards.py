@@ -1,0 +1,202 @@
+"""Packed datasets against the loopback S3: read back as the same splits, same images, few requests; a shard changed
+between reads is detected and named; jobs/pack_dataset.py end to end with its one-line input errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from reid_core import storage
+from reid_core.data import BadImageError, ReIDDataset, build_transforms, read_layout
+from reid_core.data.shards import (
+    PACK_INDEX,
+    PackError,
+    ShardChangedError,
+    pack_tree,
+    read_members,
+    read_pack,
+    read_record_bytes,
+)
+from reid_core.data.synthetic import SyntheticSpec, write_layout
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
+import pack_dataset  # noqa: E402
+
+SPEC = SyntheticSpec(ids=6, cameras=3, images_per_id=8, sessions=2, seed=5)
+SHARD_BYTES = 64 * 1024  # tiny shards: several per dataset
+
+
+def synthetic(url: str, layout: str) -> None:
+    files: dict[str, bytes] = {}
+    write_layout(SPEC, layout, lambda rel, data: files.__setitem__(storage.join(url, rel), data))
+    storage.write_many(files)
+
+
+def comparable(splits) -> dict:
+    """Every split's records with paths relative to the dataset root and without shard locations."""
+    cut = len(splits.root) + 1
+    named = {"train": splits.train, "query": splits.query, "gallery": splits.gallery, "val": splits.val or []}
+    return {
+        name: [(r.path[cut:], r.pid, r.camid, r.face, r.orig_pid, r.session, r.frame) for r in records]
+        for name, records in named.items()
+    } | {"pid_map": splits.pid_map}
+
+
+@pytest.fixture
+def packed_msmt17(s3_url):
+    src, out = f"{s3_url}/src", f"{s3_url}/packed"
+    synthetic(src, "msmt17")
+    index = pack_tree(src, out, shard_bytes=SHARD_BYTES, layout="msmt17")
+    return src, out, index
+
+
+def test_pack_reads_back_as_the_same_splits_with_any_option(packed_msmt17):
+    src, out, index = packed_msmt17
+    assert len(index["shards"]) >= 3 and len(index["files"]) == SPEC.ids * SPEC.images_per_id + 4
+    assert set(storage.list_files(out)) == {f"{out}/{PACK_INDEX}"} | {f"{out}/{s['name']}" for s in index["shards"]}
+    for options in ({}, {"merge_val": True}):
+        plain, packed = read_layout(src, "msmt17", **options), read_layout(out, "msmt17", **options)
+        assert comparable(packed) == comparable(plain)
+        assert all(r.shard is not None and r.path.startswith(out + "/") for r in packed.train + packed.gallery)
+        assert all(r.shard is None for r in plain.train)
+
+
+def test_packed_and_plain_datasets_give_the_same_samples(packed_msmt17):
+    src, out, _ = packed_msmt17
+    plain, packed = read_layout(src, "msmt17").gallery, read_layout(out, "msmt17").gallery
+    a, b = ReIDDataset(plain), ReIDDataset(packed)
+    batch = list(range(len(plain)))
+    for x, y in zip(a.__getitems__(batch), b.__getitems__(batch), strict=True):
+        assert torch.equal(x["image"], y["image"]) and x["pid"] == y["pid"] and x["camid"] == y["camid"]
+    assert torch.equal(a[3]["image"], b[3]["image"])  # single-index access reads its one range
+
+
+def test_ranged_reads_are_merged_per_shard_and_checked(packed_msmt17, monkeypatch):
+    _, out, index = packed_msmt17
+    pack = read_pack(out)
+    calls = []
+    real = storage.read_ranges
+    monkeypatch.setattr(
+        storage, "read_ranges", lambda requests, *a, **k: calls.append(requests) or real(requests, *a, **k)
+    )
+    rels = sorted(pack.locations)
+    data = read_members([pack.locations[r] for r in rels])  # every file: one request per shard
+    assert len(calls) == 1 and len(calls[0]) == len(index["shards"])
+    # the bytes are the tar members' bytes
+    first_shard = storage.read_bytes(storage.join(out, index["shards"][0]["name"]))
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(first_shard)) as tar:
+        for member in tar.getmembers():
+            assert tar.extractfile(member).read() == data[rels.index(member.name)]
+    # two distant members of one shard: two ranges, returned in the order asked
+    far = [rel for rel in rels if pack.locations[rel].url == pack.locations[rels[-1]].url]
+    got = read_members([pack.locations[far[-1]], pack.locations[far[0]]], max_gap=0)
+    assert got == [data[rels.index(far[-1])], data[rels.index(far[0])]] and len(calls[-1]) == 2
+
+
+def test_a_shard_overwritten_between_reads_is_detected_and_named(packed_msmt17):
+    _, out, index = packed_msmt17
+    splits = read_layout(out, "msmt17")
+    records = splits.train
+    shard_url = records[0].shard.url
+    read_record_bytes(records[:4])  # fine before the change
+    old = storage.read_bytes(shard_url)
+    changed = bytearray(old)
+    changed[records[1].shard.offset + 100] ^= 0xFF  # one byte inside an image, same size
+    storage.write_bytes(shard_url, bytes(changed))
+    with pytest.raises(ShardChangedError, match=rf"shard {shard_url} changed after it was packed \(ETag in the index "):
+        read_record_bytes(records[:4])
+    # the data loader does not skip it as a bad image: the data changed under the run
+    with pytest.raises(ShardChangedError, match="jobs/pack_dataset.py --overwrite"):
+        ReIDDataset(records, on_bad_image="skip").__getitems__([0, 1, 2])
+    storage.write_bytes(shard_url, old[: records[1].shard.offset + 10])  # now cut short inside the image
+    with pytest.raises(ShardChangedError, match=r"should be \d+ bytes at offset"):
+        read_record_bytes(records[1:2])
+    storage.write_bytes(shard_url, old[: records[1].shard.offset - 1])  # ... or before it
+    with pytest.raises(ShardChangedError, match="shorter than the index says"):
+        read_record_bytes(records[1:2])
+
+
+def test_corrupt_image_inside_a_pack_is_a_bad_image(s3_url):
+    src, out = f"{s3_url}/src", f"{s3_url}/packed"
+    synthetic(src, "market1501")
+    victim = read_layout(src, "market1501").train[2].path
+    storage.write_bytes(victim, b"not a jpeg")
+    pack_tree(src, out, shard_bytes=SHARD_BYTES)
+    records = read_layout(out, "market1501").train
+    with pytest.raises(BadImageError, match=rf"bad image {out}/bounding_box_train/\S+: cannot decode"):
+        ReIDDataset(records).__getitems__([2])
+    batch = ReIDDataset(records, on_bad_image="skip").__getitems__([0, 1, 2, 3])
+    assert [s["skipped"] for s in batch] == [0, 0, 1, 0]
+
+
+def test_flima_pack_keeps_face_tags_and_session_options(s3_url):
+    src, out = f"{s3_url}/src", f"{s3_url}/packed"
+    synthetic(src, "flima")
+    pack_tree(src, out, shard_bytes=SHARD_BYTES, layout="flima")
+    for options in ({}, {"test_session": "s01", "unknown": "drop"}):
+        assert comparable(read_layout(out, "flima", **options)) == comparable(read_layout(src, "flima", **options))
+
+
+def test_unfinished_or_foreign_pack_is_refused(packed_msmt17):
+    _, out, _ = packed_msmt17
+    storage.write_bytes(f"{out}/{PACK_INDEX}", b'{"format": "something-else/2"}')
+    with pytest.raises(PackError, match=r"pack.json: format 'something-else/2', expected 'reid-pack/1'"):
+        read_layout(out, "msmt17")
+    storage.delete_files([f"{out}/{PACK_INDEX}"])
+    with pytest.raises(PackError, match="is not a finished pack: no pack.json"):
+        read_pack(out)
+
+
+def test_loader_workers_read_packed_and_plain_data_from_s3(packed_msmt17):
+    """forkserver workers (s3fs is not fork-safe) open their own filesystem and read the same batches."""
+    src, out, _ = packed_msmt17
+    records = read_layout(out, "msmt17").train + read_layout(src, "msmt17").gallery  # both forms in one dataset
+    ds = ReIDDataset(records, build_transforms(32, 16, train=False), settings=storage.resolve_settings())
+    serial = [b["image"] for b in DataLoader(ds, batch_size=8)]
+    parallel = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="forkserver")
+    got = [b["image"] for b in parallel]
+    assert len(got) == len(serial) == 5 and all(torch.equal(x, y) for x, y in zip(got, serial, strict=True))
+
+
+def test_pack_dataset_job_smoke_test(s3_url):
+    src, out = f"{s3_url}/src", f"{s3_url}/packed"
+    synthetic(src, "msmt17")
+    done = subprocess.run([sys.executable, "jobs/pack_dataset.py", "--src", src, "--layout", "msmt17", "--out", out,
+                           "--smoke-test"], env=dict(os.environ), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "read back as the same splits, every image's bytes verified" in done.stdout
+    assert len(read_pack(out).index["shards"]) >= 3
+
+
+def test_pack_dataset_job_input_errors_in_one_line(s3_url, capsys):
+    src, out = f"{s3_url}/src", f"{s3_url}/packed"
+    synthetic(src, "msmt17")
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "0.1"]) == 0
+    capsys.readouterr()
+
+    def error(*args: str) -> str:
+        assert pack_dataset.main(list(args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "is not empty; pass --overwrite" in error("--src", src, "--layout", "msmt17", "--out", out)
+    assert "is already a pack" in error("--src", out, "--layout", "msmt17", "--out", f"{s3_url}/again")
+    assert "lies inside --src" in error("--src", src, "--layout", "msmt17", "--out", f"{src}/pack")
+    assert "is not a flima tree" in error("--src", src, "--layout", "flima", "--out", f"{s3_url}/f")
+    assert "S3 bucket does not exist: 'no-such-bucket'" in error("--src", src, "--layout", "msmt17", "--out",
+                                                                 "s3://no-such-bucket/p")  # fmt: skip
+    assert "--shard-mb 0.0: expected a positive size" in error("--src", src, "--layout", "msmt17", "--out", out,
+                                                               "--shard-mb", "0")  # fmt: skip
+    assert len(read_pack(out).index["shards"]) >= 3
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite", "--shard-mb", "1"]) == 0
+    assert len(read_pack(out).index["shards"]) == 1
+    assert [u for u in storage.list_files(out) if "shards/" in u] == [f"{out}/shards/shard-00000.tar"]
