@@ -150,7 +150,7 @@ def test_convert_after_finish_gives_equal_outputs_and_fewer_parameters():
     assert not learned_group_convs(deploy) and learned_group_convs(model)  # the trained model is left as it was
     condensed = [m for m in deploy.modules() if isinstance(m, CondensedGroupConv)]
     assert len(condensed) == len(learned_group_convs(model))
-    assert all(isinstance(m.conv, nn.Conv2d) and m.conv.groups == 4 for m in condensed)
+    assert all(m.groups == 4 and m.form in ("grouped", "dense") for m in condensed)
     assert not deploy.training
 
     x = torch.randn(3, 3, 32, 16)
@@ -162,21 +162,43 @@ def test_convert_after_finish_gives_equal_outputs_and_fewer_parameters():
     assert deploy_params < params
 
 
+@pytest.mark.parametrize("form", ["grouped", "dense"])
 @pytest.mark.parametrize(
     ("in_channels", "out_channels", "groups", "condense_factor"), [(12, 8, 4, 4), (10, 6, 2, 3), (7, 4, 4, 2)]
 )
-def test_single_layer_conversion_matches_including_uneven_sizes(in_channels, out_channels, groups, condense_factor):
+def test_single_layer_conversion_matches_including_uneven_sizes(
+    in_channels, out_channels, groups, condense_factor, form
+):
     torch.manual_seed(2)
     layer = LearnedGroupConv(in_channels, out_channels, groups=groups, condense_factor=condense_factor)
     randomise_batch_norm(layer, seed=3)
     layer.finish()
     layer.eval()
-    deploy = convert(layer)
-    assert isinstance(deploy, CondensedGroupConv)
-    assert deploy.index.numel() == groups * layer.kept_per_group
+    deploy = CondensedGroupConv.from_learned(layer, form=form).eval()
+    if form == "grouped":
+        assert deploy.index.numel() == groups * layer.kept_per_group
+        assert deploy.weight.shape == (groups, out_channels // groups, layer.kept_per_group)
+    else:  # the pruned connections are zeros of the dense weight
+        assert int((deploy.weight != 0).sum()) == out_channels * layer.kept_per_group
     x = torch.randn(2, in_channels, 4, 3)
     with torch.no_grad():
         assert torch.allclose(deploy(x), layer(x), atol=1e-5)
+        # a following batch norm folded into the layer gives the same output as applying it
+        norm = nn.BatchNorm2d(out_channels).eval()
+        randomise_batch_norm(norm, seed=4)
+        expected = norm(layer(x))
+        deploy.fold_output_norm(norm)
+        assert torch.allclose(deploy(x), expected, atol=1e-5)
+
+
+def test_conversion_picks_the_grouped_form_where_it_saves_more_than_it_copies():
+    thin = LearnedGroupConv(16, 32, groups=4, condense_factor=4)  # CondenseNet-74's first layer: memory-bound
+    wide = LearnedGroupConv(400, 256, groups=4, condense_factor=4)  # a third-block layer: compute-bound
+    for layer in (thin, wide):
+        layer.finish()
+    assert convert(thin).form == "dense" and convert(wide).form == "grouped"
+    with pytest.raises(ValueError, match="form must be"):
+        CondensedGroupConv.from_learned(thin, form="sparse")
 
 
 def test_convert_refuses_unfinished_condensation_and_models_without_learned_layers():

@@ -14,8 +14,9 @@ The schedule is driven by an explicit training progress in [0, 1] (``layer.updat
 replicas that hold identical weights prune identically.
 
 ``convert(model)`` replaces every fully condensed ``LearnedGroupConv`` by a ``CondensedGroupConv``: index-select of the
-surviving inputs, BN on those channels only, ReLU, ``nn.Conv2d(groups=G)`` and a channel shuffle back to the
-interleaved order; its outputs equal the training form's in eval mode.
+surviving inputs, BN on those channels only, ReLU, a grouped 1×1 convolution (one batched GEMM) and a channel shuffle
+back to the interleaved order (thin, memory-bound layers: a dense 1×1 convolution with the pruned weights at zero);
+the batch norm that follows each such layer is folded into it. Its outputs equal the training form's in eval mode.
 """
 
 from __future__ import annotations
@@ -168,30 +169,55 @@ class LearnedGroupConv(nn.Module):
         )
 
 
+# A deploy layer uses the index-select + grouped GEMM form only where the multiply-adds it saves outweigh the two
+# extra passes over memory it costs (the index-select of its inputs, the channel shuffle of its outputs): FLOPs saved
+# per byte of that extra traffic (float32). Thin early layers (few channels on large feature maps, memory-bound on a
+# CPU) run faster as one dense 1×1 convolution with the pruned weights set to zero; measured on a 2-core x86 CPU with
+# one thread, CondenseNet-74's first block is below 4 and every later block above (bench/condensenet.py).
+GROUPED_MIN_FLOPS_PER_BYTE = 4.0
+
+
 class CondensedGroupConv(nn.Module):
     """Deploy form of a finished ``LearnedGroupConv``: (N, in_channels, H, W) -> (N, out_channels, H, W).
 
-    index-select of the G · k surviving inputs (k per group; an input read by several groups is selected several
-    times) -> BN on those channels -> ReLU -> ``nn.Conv2d(G · k, out_channels, 1, groups=G)`` -> channel shuffle from
-    group-major order (i · d_out + r) back to the interleaved order (r · G + i) of the training form.
+    Two equivalent forms, chosen per layer by ``from_learned`` (see ``GROUPED_MIN_FLOPS_PER_BYTE``):
+
+    - ``"grouped"``: index-select of the G · k surviving inputs (k per group; an input read by several groups is
+      selected several times) -> BN on those channels -> ReLU -> grouped 1×1 convolution as one batched GEMM
+      (``weight`` (G, d_out, k), d_out = out_channels / G) -> channel shuffle from group-major order (i · d_out + r) back
+      to the interleaved order (r · G + i) of the training form.
+    - ``"dense"``: BN on all inputs -> ReLU -> a dense 1×1 convolution whose pruned weights are zero (``weight``
+      (out_channels, in_channels), rows in the interleaved order: no shuffle needed).
+
+    ``bias`` (out_channels,) is zero unless the batch norm that follows the layer in eval mode was folded in
+    (``fold_output_norm``): then the output is that batch norm's output.
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, groups: int, kept_per_group: int):
+    def __init__(self, *, in_channels: int, out_channels: int, groups: int, kept_per_group: int, form: str = "grouped"):
         super().__init__()
+        if form not in ("grouped", "dense"):
+            raise ValueError(f"CondensedGroupConv: form must be 'grouped' or 'dense', got {form!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
         self.kept_per_group = kept_per_group
-        selected = groups * kept_per_group
-        self.register_buffer("index", torch.zeros(selected, dtype=torch.long))
+        self.form = form
+        selected = groups * kept_per_group if form == "grouped" else in_channels
+        self.register_buffer("index", torch.arange(selected, dtype=torch.long))
         self.norm = nn.BatchNorm2d(selected)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(selected, out_channels, 1, groups=groups, bias=False)
+        shape = (groups, out_channels // groups, kept_per_group) if form == "grouped" else (out_channels, in_channels)
+        self.weight = nn.Parameter(torch.zeros(shape))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
 
     @classmethod
     @torch.no_grad()
-    def from_learned(cls, layer: LearnedGroupConv) -> CondensedGroupConv:
-        """Build the deploy layer with the same eval-mode outputs as a finished ``layer``."""
+    def from_learned(cls, layer: LearnedGroupConv, *, form: str | None = None) -> CondensedGroupConv:
+        """Build the deploy layer with the same eval-mode outputs as a finished ``layer``.
+
+        ``form=None`` picks ``"grouped"`` when it saves at least ``GROUPED_MIN_FLOPS_PER_BYTE`` FLOPs per byte of its
+        extra memory traffic, else ``"dense"``.
+        """
         if not layer.finished:
             raise ValueError(
                 f"cannot convert {layer.extra_repr()!r}: condensation is at stage {int(layer.stage)} of "
@@ -206,15 +232,21 @@ class CondensedGroupConv(nn.Module):
                 f"{layer.kept_per_group} each; the mask buffer is inconsistent (was it edited by hand?)"
             )
         k = layer.kept_per_group
-        # stable sort puts each group's surviving inputs first, in increasing channel order
-        per_group = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, :k]  # (G, k)
-        out = cls(in_channels=layer.in_channels, out_channels=layer.out_channels, groups=g, kept_per_group=k)
+        if form is None:
+            saved_flops = 2 * layer.out_channels * (layer.in_channels - k)  # per output pixel
+            extra_bytes = 4 * 2 * (g * k + layer.out_channels)  # index-select and shuffle: read + write, float32
+            form = "grouped" if saved_flops >= GROUPED_MIN_FLOPS_PER_BYTE * extra_bytes else "dense"
+        out = cls(in_channels=layer.in_channels, out_channels=layer.out_channels, groups=g, kept_per_group=k, form=form)
         out = out.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        out.index.copy_(per_group.reshape(-1))
-        # training-form weight row r·G + i is output r of group i: (d_out, G, in) -> (G, d_out, in)
-        weight = layer.weight[:, :, 0, 0].view(d_out, g, layer.in_channels).transpose(0, 1)
-        weight = torch.gather(weight, 2, per_group[:, None, :].expand(g, d_out, k))  # (G, d_out, k)
-        out.conv.weight.copy_(weight.reshape(layer.out_channels, k, 1, 1))
+        if form == "dense":
+            out.weight.copy_(layer.weight[:, :, 0, 0] * layer.mask)
+        else:
+            # stable sort puts each group's surviving inputs first, in increasing channel order
+            per_group = torch.sort((~alive).to(torch.uint8), dim=1, stable=True).indices[:, :k]  # (G, k)
+            out.index.copy_(per_group.reshape(-1))
+            # training-form weight row r·G + i is output r of group i: (d_out, G, in) -> (G, d_out, in)
+            weight = layer.weight[:, :, 0, 0].view(d_out, g, layer.in_channels).transpose(0, 1)
+            out.weight.copy_(torch.gather(weight, 2, per_group[:, None, :].expand(g, d_out, k)))  # (G, d_out, k)
         src, dst, idx = layer.norm, out.norm, out.index
         dst.weight.copy_(src.weight[idx])
         dst.bias.copy_(src.bias[idx])
@@ -224,13 +256,40 @@ class CondensedGroupConv(nn.Module):
         dst.eps, dst.momentum = src.eps, src.momentum
         return out
 
+    @torch.no_grad()
+    def fold_output_norm(self, norm: nn.BatchNorm2d) -> None:
+        """Fold the eval-mode batch norm applied to this layer's output into its weights and bias: afterwards the
+        layer outputs ``norm(layer(x))`` and ``norm`` can be dropped (it must then no longer be trained)."""
+        if norm.num_features != self.out_channels or not norm.track_running_stats:
+            raise ValueError(f"cannot fold {norm} into a layer with {self.out_channels} outputs")
+        scale = norm.running_var.add(norm.eps).rsqrt()
+        if norm.affine:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0.0)
+        if self.form == "dense":
+            self.weight.mul_(scale[:, None])
+        else:  # output r·G + i is row r of group i
+            self.weight.mul_(scale.view(-1, self.groups).t()[:, :, None])
+        self.bias.copy_(self.bias * scale + shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(self.relu(self.norm(x.index_select(1, self.index))))
-        n, c, h, w = x.shape
-        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        if self.form == "dense":
+            return F.conv2d(self.relu(self.norm(x)), self.weight[:, :, None, None], self.bias)
+        n, _, h, w = x.shape
+        g, d_out, k = self.weight.shape
+        # Select the surviving inputs channel-major, (G·k, N, H·W), so that each group is one GEMM over the whole batch;
+        # eval-mode BN is per channel, so it runs on that layout viewed as (1, G·k, N, H·W).
+        x = x.view(n, -1, h * w).transpose(0, 1).index_select(0, self.index)
+        x = self.relu(self.norm(x.view(1, g * k, n, h * w)))
+        y = torch.baddbmm(self.bias.view(d_out, g).t().unsqueeze(-1), self.weight, x.view(g, k, n * h * w))
+        # (G, d_out, N, H·W) group-major -> (N, d_out, G, H·W): output r·G + i is output r of group i
+        return y.view(g, d_out, n, h * w).permute(2, 1, 0, 3).reshape(n, self.out_channels, h, w)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, groups={self.groups}, kept_per_group={self.kept_per_group}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, groups={self.groups}, kept_per_group={self.kept_per_group}, "
+            f"form={self.form}"
+        )
 
 
 def learned_group_convs(model: nn.Module) -> list[LearnedGroupConv]:
@@ -291,4 +350,10 @@ def convert(model: nn.Module) -> nn.Module:
                 setattr(parent, child, CondensedGroupConv.from_learned(module))
             except ValueError as err:
                 raise ValueError(f"convert: layer {name!r}: {err}") from None
+    # Modules that know what follows their condensed layer fold it in (CondenseNet's DenseLayer: the 3×3 branch's
+    # batch norm goes into the 1×1's weights and bias).
+    for module in deploy.modules():
+        fuse = getattr(module, "fuse_for_deploy", None)
+        if callable(fuse):
+            fuse()
     return deploy.eval()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from reid_core.models import register_model
-from reid_core.models.condense import LearnedGroupConv, apply_condensation
+from reid_core.models.condense import CondensedGroupConv, LearnedGroupConv, apply_condensation
 
 
 class DenseLayer(nn.Module):
@@ -54,6 +54,13 @@ class DenseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.conv_2(self.conv_1(x))], 1)
+
+    def fuse_for_deploy(self) -> None:
+        """Called by ``convert`` on the deploy copy: fold the 3×3 branch's batch norm into the condensed 1×1 layer,
+        which then outputs the normalised features directly (one pass over the feature map less per layer)."""
+        if isinstance(self.conv_1, CondensedGroupConv) and isinstance(self.conv_2[0], nn.BatchNorm2d):
+            self.conv_1.fold_output_norm(self.conv_2[0])
+            self.conv_2[0] = nn.Identity()
 
 
 class CondenseNet(nn.Module):
