@@ -89,7 +89,7 @@ class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; None = MLFLOW_TRACKING_URI or the embedded stack's
     experiment: str = "dcgan"
     registered_model: str = "reid-dcgan-generator"
-    alias: str = "candidate"
+    alias: str | None = "candidate"  # set on the registered version; null = none (a λ search aliases its best)
     num_samples: int = 64  # fixed-noise samples in the per-epoch grid
 
 
@@ -362,6 +362,9 @@ class ReidEvalConfig:
     max_rank: int = 50  # length of the CMC curve
     flip: bool = False  # average each image's feature with its horizontal flip's
     batch_size: int = 128  # images per forward pass when extracting features
+    # Validate on query/gallery every k epochs during training (rank 0; metrics val_rank1 / val_mAP / val_mINP, what a
+    # λ search's early stopping compares); 0 = only the final evaluation after training.
+    every_epochs: int = 0
 
 
 @dataclass
@@ -414,6 +417,7 @@ class ReidJobConfig:
             ("loss.face_presence", self.loss.face_presence),
             ("data.pad", self.data.pad),
             ("data.loader_workers", self.data.loader_workers),
+            ("eval.every_epochs", self.eval.every_epochs),
         ):
             if value < 0:
                 raise ConfigError(f"{key}: expected ≥ 0, got {value}")
@@ -451,3 +455,124 @@ class ReidJobConfig:
             side = CONDENSENET_MIN_SIDE[self.model.name]
             if min(h, w) < side:
                 raise ConfigError(f"data.image_size: {self.model.name} needs sides of at least {side} px, got {h}×{w}")
+
+
+# ----------------------------------------------------------------------------------------------------- λ search
+# (added for jobs/tune_lambdas.py: a Ray Tune search over the face-guidance weights on the whole chain, METHOD.md §1)
+
+SEARCH_MODES = ("grid", "asha")  # grid: every listed value (the paper's 3×3); asha: sampled, early-stopped on val
+SEARCH_OBJECTIVES = ("mAP", "rank1")
+IMAGE_FORMATS = ("jpeg", "png")
+BATCH_NORM_MODES = ("standing", "running")
+
+
+@dataclass
+class SynthesisStageConfig:
+    """The distractor synthesis of every trial (``jobs/synthesize.py``'s options); the set goes to
+    ``OUT/<search name>/<trial id>``."""
+
+    out: str = "s3://reid-data/distractors/tune"
+    num_images: int = 48_000
+    batch_size: int = 64
+    chunk_size: int = 512  # images per Ray task; a multiple of batch_size
+    workers: int = 1  # Ray tasks at a time; 1 = in the trial's own process; 0 = all CPUs of the cluster
+    seed: int = 0
+    image_format: str = "jpeg"  # jpeg | png
+    batch_norm: str = "standing"  # standing | running
+
+
+@dataclass
+class SearchConfig:
+    """What Tune searches and how. The trial's chain: GAN (λ1, λ2, mode) -> distractors -> re-ID -> Rank-1 / mAP."""
+
+    name: str = "lambdas"  # Tune experiment and MLflow parent run name; --resume continues the search of this name
+    storage: str = "s3://reid-data/tune-results"  # Tune's search state (what --resume reads)
+    mode: str = "grid"  # grid | asha
+    lambda1: list[float] = field(default_factory=lambda: [0.0, 0.025, 0.05])  # grid: the values; asha: [low, high]
+    lambda2: list[float] = field(default_factory=lambda: [0.0, 0.025, 0.05])
+    guidance_modes: list[str] = field(default_factory=lambda: ["weighted"])  # grid: each; asha: a random choice
+    num_samples: int = 9  # asha: trials sampled; grid: repeats of the whole grid (usually 1)
+    objective: str = "mAP"  # mAP | rank1: what "best" and ASHA compare (higher is better)
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold (trial + its workers)
+    trial_cpus: float = 0.1  # the trial's own process (it drives the stages; synthesis with workers=1 runs in it)
+    grace_period: int = 1  # asha: re-ID epochs a trial runs before it may be stopped
+    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor at every rung
+    seed: int = 0  # asha: sampling of λ
+
+
+@dataclass
+class SearchTrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; None = MLFLOW_TRACKING_URI or the embedded stack's
+    experiment: str = "tune-lambdas"  # the parent run, the trials' child runs and their stage runs
+    alias: str = "candidate"  # set on the best trial's registered re-ID model version
+
+
+@dataclass
+class TuneJobConfig:
+    """A λ1/λ2 search: ``gan`` and ``reid`` are whole job configs (their λ, run names, experiments and aliases are
+    set per trial), ``synthesis`` the distractor set between them."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    gan: GanJobConfig = field(default_factory=GanJobConfig)
+    synthesis: SynthesisStageConfig = field(default_factory=SynthesisStageConfig)
+    reid: ReidJobConfig = field(default_factory=ReidJobConfig)
+    tracking: SearchTrackingConfig = field(default_factory=SearchTrackingConfig)
+
+    def validate(self) -> None:
+        s = self.search
+        check_choice("search.mode", s.mode, SEARCH_MODES)
+        check_choice("search.objective", s.objective, SEARCH_OBJECTIVES)
+        for key in ("lambda1", "lambda2"):
+            values = getattr(s, key)
+            if not values:
+                raise ConfigError(f"search.{key}: empty; give the values to search, e.g. [0, 0.025, 0.05]")
+            for i, value in enumerate(values):
+                check_unit_interval(f"search.{key}[{i}]", value)
+            if s.mode == "grid" and len(set(values)) != len(values):
+                raise ConfigError(f"search.{key}: {values} repeats a value (a grid would run a trial twice)")
+            if s.mode == "asha" and len(values) != 2:
+                raise ConfigError(
+                    f"search.{key}: asha samples λ uniformly from [low, high]; give 2 values, got {values}"
+                )
+        if not s.guidance_modes:
+            raise ConfigError(f"search.guidance_modes: empty; give one or more of {', '.join(GUIDANCE_MODES)}")
+        for i, mode in enumerate(s.guidance_modes):
+            check_choice(f"search.guidance_modes[{i}]", mode, GUIDANCE_MODES)
+        check_positive("search.num_samples", s.num_samples)
+        check_positive("search.trial_cpus", s.trial_cpus)
+        check_positive("search.grace_period", s.grace_period)
+        if s.reduction_factor < 2:
+            raise ConfigError(f"search.reduction_factor: expected ≥ 2, got {s.reduction_factor}")
+        if s.max_concurrent_trials is not None:
+            check_positive("search.max_concurrent_trials", s.max_concurrent_trials)
+        if not s.name or "/" in s.name:
+            raise ConfigError(f"search.name: {s.name!r} must be a non-empty name without '/'")
+        if s.mode == "asha":
+            if not self.reid.eval.every_epochs:
+                raise ConfigError(
+                    "reid.eval.every_epochs: asha stops trials on the re-ID validation Rank-1/mAP during training; "
+                    "set it to k ≥ 1 (validate every k epochs)"
+                )
+            if s.grace_period > self.reid.optim.epochs:
+                raise ConfigError(
+                    f"search.grace_period: {s.grace_period} re-ID epochs, more than reid.optim.epochs "
+                    f"({self.reid.optim.epochs}): no trial could ever be stopped"
+                )
+        y = self.synthesis
+        check_choice("synthesis.image_format", y.image_format, IMAGE_FORMATS)
+        check_choice("synthesis.batch_norm", y.batch_norm, BATCH_NORM_MODES)
+        for key in ("num_images", "batch_size", "chunk_size"):
+            check_positive(f"synthesis.{key}", getattr(y, key))
+        if y.chunk_size % y.batch_size:
+            raise ConfigError(
+                f"synthesis.chunk_size: {y.chunk_size} must be a multiple of synthesis.batch_size ({y.batch_size})"
+            )
+        if y.workers < 0 or y.seed < 0:
+            raise ConfigError(f"synthesis.workers and synthesis.seed: expected ≥ 0, got {y.workers}, {y.seed}")
+        if not y.out:
+            raise ConfigError("synthesis.out: missing location for the trials' distractor sets")
+        for prefix, job in (("gan", self.gan), ("reid", self.reid)):
+            try:
+                job.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}.{exc}") from None

@@ -118,11 +118,11 @@ def log_and_register_pytorch_model(
     name: str,
     registered_model: str,
     input_example,
-    alias: str = CANDIDATE_ALIAS,
+    alias: str | None = CANDIDATE_ALIAS,
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log ``model`` to the run as an MLflow PyTorch model with a signature (inferred from ``input_example``),
-    register it as a new version of ``registered_model``, point ``alias`` at it; returns the version.
+    register it as a new version of ``registered_model``, point ``alias`` at it (None: no alias); returns the version.
 
     ``reid_core`` travels with the model (``code_paths``), so ``models:/NAME@alias`` loads wherever torch is installed.
     """
@@ -145,7 +145,8 @@ def log_and_register_pytorch_model(
         )
     version = str(info.registered_model_version)
     c = client(uri)
-    c.set_registered_model_alias(registered_model, alias, version)
+    if alias:
+        c.set_registered_model_alias(registered_model, alias, version)
     for key, value in (tags or {}).items():
         c.set_model_version_tag(registered_model, version, key, str(value))
     return version
@@ -331,3 +332,52 @@ def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     c = client(uri)
     for key, value in tags.items():
         c.set_tag(run_id, key, str(value))
+
+
+# ------------------------------------------------------------------------------------------------ searches
+# (added for jobs/tune_lambdas.py: a parent run per search, a child run per trial, found again after a restart)
+
+
+def find_runs(uri: str, experiment: str, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """Runs of ``experiment`` carrying all ``tags`` (newest first), each as {"run_id", "status", "name", "tags",
+    "metrics"}; [] when the experiment does not exist."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([exp.experiment_id], filter_string=query, order_by=["start_time DESC"], max_results=1000)
+    return [{"run_id": r.info.run_id, "status": r.info.status, "name": r.info.run_name, "tags": dict(r.data.tags),
+             "metrics": dict(r.data.metrics)} for r in runs]  # fmt: skip
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of ``run_id``."""
+    return dict(client(uri).get_run(run_id).data.metrics)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a resumed search continues its parent run)."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
+def set_model_alias(uri: str, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of the registered model ``name`` at ``version`` (moving it from any other version)."""
+    client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def replace_model_version_tags(uri: str, name: str, version: str, prefix: str, tags: dict[str, Any]) -> list[str]:
+    """Set ``tags`` (all keys start with ``prefix``) on a model version and delete its other tags under ``prefix``,
+    so that the tags under ``prefix`` describe one event (e.g. the latest evaluation on a dataset); returns the keys
+    deleted."""
+    foreign = [k for k in tags if not k.startswith(prefix)]
+    if foreign:
+        raise ValueError(f"replace_model_version_tags: keys {foreign} do not start with {prefix!r}")
+    c = client(uri)
+    stale = sorted(
+        k for k in (c.get_model_version(name, str(version)).tags or {}) if k.startswith(prefix) and k not in tags
+    )
+    for key in stale:
+        c.delete_model_version_tag(name, str(version), key)
+    set_model_version_tags(uri, name, version, tags)
+    return stale

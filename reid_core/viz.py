@@ -235,3 +235,62 @@ def cmc_curve_png(
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, format="png")
     return p
+
+
+def lambda_heatmap_png(
+    grids: Mapping[str, np.ndarray],
+    lambda1: Sequence[float],
+    lambda2: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> Path:
+    """Write heat maps of retrieval metrics over the λ1 × λ2 grid (one panel per metric, side by side) as a PNG.
+
+    Args:
+        grids: {panel title, e.g. "mAP": (len(lambda1), len(lambda2)) values in [0, 1]}; NaN = no result (a trial
+            that failed or was stopped early), drawn grey and marked "–". Values are shown in percent.
+        lambda1, lambda2: the grid's axis values (rows: λ1, columns: λ2).
+        path: the PNG file to write (parent folders created).
+        title: the figure's title (e.g. the guidance mode and the dataset).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not grids:
+        raise ValueError("lambda_heatmap_png needs at least one metric grid")
+    shape = (len(lambda1), len(lambda2))
+    fig = Figure(figsize=(1.6 + 2.2 * len(grids) + 0.5 * len(grids) * max(shape[1] - 3, 0), 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, (name, values) in enumerate(grids.items()):
+        v = np.asarray(values, dtype=np.float64)
+        if v.shape != shape:
+            raise ValueError(f"heat map {name!r}: expected shape {shape} (λ1 × λ2), got {v.shape}")
+        finite = v[np.isfinite(v)]
+        if finite.size and (finite.min() < 0 or finite.max() > 1):
+            raise ValueError(f"heat map {name!r}: values must be fractions in [0, 1]")
+        ax = fig.add_subplot(1, len(grids), k + 1)
+        cmap = colormaps["viridis"].with_extremes(bad=(0.8, 0.8, 0.8))
+        image = ax.imshow(100 * np.ma.masked_invalid(v), cmap=cmap, origin="lower", aspect="auto")
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.formatter.set_useOffset(False)  # close values: plain numbers, not an offset
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                finite_cell = bool(np.isfinite(v[i, j]))
+                text = f"{100 * v[i, j]:.2f}" if finite_cell else "–"
+                bright = finite_cell and image.norm(100 * v[i, j]) > 0.6  # dark text on viridis' yellow end
+                color = "k" if bright or not finite_cell else "w"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+        ax.set_xticks(range(shape[1]), [f"{x:g}" for x in lambda2])
+        ax.set_yticks(range(shape[0]), [f"{x:g}" for x in lambda1])
+        ax.set_xlabel("λ2 (generated)")
+        ax.set_ylabel("λ1 (real)")
+        ax.set_title(f"{name} (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, format="png")
+    return p

@@ -22,9 +22,10 @@ from reid_core.config import GanJobConfig, from_dict
 log = logging.getLogger(__name__)
 
 
-def make_trainer(loop, loop_config: dict, *, scaling, run, settings):
+def make_trainer(loop, loop_config: dict, *, scaling, run, settings, callbacks=None):
     """The ``TorchTrainer`` every job builds: workers from ``scaling`` (a ``config.ScalingConfig``), run name, S3
-    checkpoint storage, failure and checkpoint policy from ``run`` (a ``config.RunConfig``)."""
+    checkpoint storage, failure and checkpoint policy from ``run`` (a ``config.RunConfig``); ``callbacks``: Ray Train
+    ``UserCallback``s (a Tune trial passes the one that forwards validation metrics to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -46,6 +47,7 @@ def make_trainer(loop, loop_config: dict, *, scaling, run, settings):
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
     )
 
@@ -376,6 +378,7 @@ def train_reid_loop(loop_config: dict) -> None:
         "distractors_per_batch": per_batch,
         "steps_per_epoch": steps,
     }
+    validate = _validation(cfg, splits, dual, device) if cfg.eval.every_epochs and rank == 0 else None
     log.info("rank %d: %d real images of %d identities + %d distractors; %d steps/epoch of %d+%d images",
              rank, training.num_real, training.num_classes, training.num_generated, steps, cfg.batch_size, per_batch)  # fmt: skip
 
@@ -451,11 +454,51 @@ def train_reid_loop(loop_config: dict) -> None:
         if condenses:
             metrics["condensing_stage"] = float(min(int(m.stage) for m in learned_group_convs(engine.module)))
 
+        if validate is not None and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.optim.epochs):
+            metrics.update(validate(engine.module))  # rank 0 only: the others' reports carry no val_* keys
+
         with tempfile.TemporaryDirectory() as tmp:
             save_engines(tmp, {"model": engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
             if rank == 0:
                 _log_reid_epoch(mlflow_uri, run_id, metrics, epoch)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _validation(cfg, splits, dual: bool, device):
+    """Rank 0's per-epoch validation (``eval.every_epochs``): a function model -> {"val_rank1", "val_mAP", "val_mINP"}
+    (fractions) on the query/gallery split, with the training-form model in eval mode (float32), no flip.
+
+    This is what a λ search's early stopping (ASHA) compares trials on: the downstream retrieval metric, not a loss.
+    The final, converted model is evaluated again after training (``pipeline.finalize``).
+    """
+    import copy
+
+    from reid_core.train.evaluation import evaluate_splits
+
+    face_boxes = None
+    if dual:
+        from reid_core.guidance.faces import FaceDetector
+        from reid_core.train.reid_data import face_boxes as find_face_boxes
+
+        records = list(dict.fromkeys(splits.query + splits.gallery))
+        with FaceDetector(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
+            found = find_face_boxes(records, detector)
+        face_boxes = {r: found[i] for i, r in enumerate(records)}
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        if next(model.parameters()).dtype != torch.float32:
+            model = copy.deepcopy(model).float()
+        t0 = time.perf_counter()
+        summary, _ = evaluate_splits(model, splits.query, splits.gallery, image_size=tuple(cfg.data.image_size),
+                                     batch_size=cfg.eval.batch_size, metric=cfg.eval.metric,
+                                     max_rank=cfg.eval.max_rank, face_boxes=face_boxes, face_size=cfg.model.face_size,
+                                     device=device)  # fmt: skip
+        model.train()
+        out = {f"val_{k}": float(summary[k]) for k in ("rank1", "mAP", "mINP")}
+        out["val_seconds"] = time.perf_counter() - t0
+        return out
+
+    return validate
 
 
 def _log_reid_epoch(uri: str, run_id: str, metrics: dict, epoch: int) -> None:

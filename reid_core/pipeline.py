@@ -1,0 +1,373 @@
+"""The reusable cores of the training jobs: GAN training, re-ID training with distractors, and their checks.
+
+``jobs/train_gan.py`` and ``jobs/train_reid.py`` parse a config, call ``preflight_*`` (every input problem raises a
+``ConfigError`` / ``StorageError`` / ``TrackingError`` / ``ValueError`` naming what to fix, before Ray starts), then
+``run_gan`` / ``run_reid`` (MLflow run, ``TorchTrainer.fit``, registration) and print a summary. The λ search
+(``reid_core/train/tune.py``) calls the same functions inside each Tune trial; the distractor synthesis between them
+is ``reid_core.distractors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reid_core import storage, tracking
+from reid_core.config import ConfigError, GanJobConfig, ReidJobConfig, flatten, is_dual_stream, to_dict
+
+log = logging.getLogger(__name__)
+
+# Converted and trained features must agree to this relative tolerance (float32 rounding of a different summation).
+CONVERT_TOLERANCE = 1e-4
+
+
+class PipelineError(RuntimeError):
+    """A stage ran but produced nothing usable (e.g. training reported no checkpoint); its MLflow run is FAILED."""
+
+
+def _ensure_ray(use_gpu: bool) -> None:
+    """A job driver starts (or joins) Ray here; inside a Tune trial Ray is already up and is used as it is."""
+    import ray
+
+    from reid_core.stack import init_ray_for_job
+
+    if not ray.is_initialized():
+        init_ray_for_job(use_gpu=use_gpu)
+
+
+def _train(loop, cfg, mlflow_uri: str, *, params: dict, tags: dict, settings, callbacks):
+    """The MLflow run named ``cfg.run.name`` (continued when it exists, else created with ``params`` and ``tags``),
+    then ``loop`` on a ``TorchTrainer`` (``make_trainer``). Returns (run id, ``Result``, seconds in ``fit``)."""
+    from reid_core.train.loops import make_trainer
+
+    run_id = tracking.find_run(mlflow_uri, cfg.tracking.experiment, cfg.run.name)
+    if run_id is None:
+        run_id = tracking.start_run(mlflow_uri, cfg.tracking.experiment, cfg.run.name, params, tags=tags)
+    else:
+        log.info("continuing MLflow run %s (run name %r): Ray resumes from its last checkpoint", run_id, cfg.run.name)
+    _ensure_ray(cfg.scaling.use_gpu)
+    trainer = make_trainer(loop, {"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id},
+                           scaling=cfg.scaling, run=cfg.run, settings=settings, callbacks=callbacks)  # fmt: skip
+    t0 = time.perf_counter()
+    result = _fit(trainer, mlflow_uri, run_id)
+    return run_id, result, time.perf_counter() - t0
+
+
+def _fit(trainer, mlflow_uri: str, run_id: str):
+    """``trainer.fit()``; the run is FAILED when it raises or reports no checkpoint."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise PipelineError("training reported no checkpoint")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ GAN
+def preflight_gan(cfg: GanJobConfig) -> tuple[str, int]:
+    """Check the dataset, checkpoint storage and MLflow before Ray starts. Returns (MLflow URI, images in split)."""
+    from reid_core.data import read_layout
+
+    settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.check_location(cfg.data.uri, settings, must_exist=True)
+    splits = read_layout(cfg.data.uri, cfg.data.layout)
+    records = getattr(splits, cfg.data.split, None)
+    if not records:
+        raise ConfigError(f"data.split: {cfg.data.uri} has no {cfg.data.split!r} images")
+    n = min(len(records), cfg.data.max_images or len(records))
+    if n // cfg.scaling.num_workers < cfg.optim.batch_size:
+        raise ConfigError(
+            f"optim.batch_size: {n} images on {cfg.scaling.num_workers} workers give no full batch of "
+            f"{cfg.optim.batch_size} per worker"
+        )
+    storage.check_location(cfg.run.storage, settings)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_server(uri)
+    return uri, n
+
+
+@dataclass
+class GanOutcome:
+    run_id: str  # the MLflow run of the GAN training
+    version: str  # the registered generator's version
+    checkpoint: Any  # ray.train.Checkpoint of the last epoch
+    metrics: dict  # the last epoch's reported metrics (may be empty)
+
+
+def run_gan(
+    cfg: GanJobConfig, mlflow_uri: str, n_images: int, *, tags: dict[str, str] | None = None, callbacks=None
+) -> GanOutcome:
+    """Train the GAN of ``cfg`` (checked by ``preflight_gan``) on Ray Train and register its generator.
+
+    The MLflow run is named ``cfg.run.name``: a run of that name is continued (Ray resumes from its last checkpoint).
+    ``tags`` are added to a new run; ``callbacks`` go to the trainer's ``RunConfig``.
+    """
+    from reid_core.train.loops import train_gan_loop
+
+    params = {**flatten(to_dict(cfg)), "data.num_images": n_images}
+    run_tags = {"job": "train_gan", "guidance.mode": cfg.guidance.mode, **(tags or {})}
+    settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
+    run_id, result, _ = _train(train_gan_loop, cfg, mlflow_uri, params=params, tags=run_tags, settings=settings,
+                               callbacks=callbacks)  # fmt: skip
+    try:
+        version = register_generator(cfg, mlflow_uri, run_id, result.checkpoint)
+    except Exception:
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise
+    tracking.set_terminated(mlflow_uri, run_id, "FINISHED")
+    return GanOutcome(run_id=run_id, version=version, checkpoint=result.checkpoint, metrics=dict(result.metrics or {}))
+
+
+def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoint) -> str:
+    """Load the final generator from the checkpoint's plain weights; log it with a signature and register it."""
+    import torch
+
+    from reid_core.models import build_model
+    from reid_core.train.checkpoint import read_meta
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = checkpoint.to_directory(tmp)
+        meta = read_meta(directory)
+        gen = build_model("dcgan_generator", **meta["model"])
+        gen.load_state_dict(torch.load(Path(directory) / "generator.pt", map_location="cpu", weights_only=True))
+    gen.eval()
+    z = torch.randn(4, meta["model"]["z_dim"], generator=torch.Generator().manual_seed(0))
+    return tracking.log_and_register_pytorch_model(
+        mlflow_uri, run_id, gen, name="generator", registered_model=cfg.tracking.registered_model,
+        input_example=z.numpy(), alias=cfg.tracking.alias,
+        tags={"lambda1": cfg.guidance.lambda1, "lambda2": cfg.guidance.lambda2, "guidance.mode": cfg.guidance.mode,
+              "data.uri": cfg.data.uri, "epochs": meta["epoch"] + 1},
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------ re-ID
+def preflight_reid(cfg: ReidJobConfig) -> dict:
+    """Check the dataset, the distractor set, checkpoint storage and MLflow before Ray starts."""
+    from reid_core.data import RandomIdentitySampler, read_layout
+    from reid_core.train.reid_data import (
+        distractors_per_batch,
+        limit_training,
+        read_distractor_set,
+        training_records,
+    )
+
+    settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.check_location(cfg.data.uri, settings, must_exist=True)
+    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
+    real, pid_map = limit_training(splits.train, cfg.data.max_images)
+    distractors = None
+    if cfg.distractors.uri:
+        storage.check_location(cfg.distractors.uri, settings, must_exist=True)
+        distractors = read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images, settings=settings)
+    training = training_records(real, distractors)
+    batches = len(RandomIdentitySampler(training.real, batch_size=cfg.batch_size,
+                                        num_instances=cfg.optim.images_per_identity,
+                                        world_size=cfg.scaling.num_workers)) // cfg.batch_size  # fmt: skip
+    if batches == 0:
+        raise ConfigError(
+            f"optim.identities_per_batch: {training.num_real} training images of {training.num_classes} identities "
+            f"give no full batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on "
+            f"{cfg.scaling.num_workers} workers"
+        )
+    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
+                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    storage.check_location(cfg.run.storage, settings)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_server(uri)
+    return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
+            "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
+
+
+def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = None, callbacks=None) -> dict:
+    """Train the re-ID model of ``cfg`` (checked by ``preflight_reid``, whose result is ``pre``) on Ray Train, then
+    convert, evaluate, register and export it (``finalize``).
+
+    The MLflow run is named ``cfg.run.name`` (continued when it exists: Ray resumes from its last checkpoint). ``tags``
+    are added to a new run; ``callbacks`` go to the trainer's ``RunConfig``. The registered version gets the alias
+    ``cfg.tracking.alias`` (none when it is None). Returns {"run_id", "final" (``finalize``'s result), "checkpoint",
+    "last_metrics", "fit_seconds"}.
+    """
+    from reid_core.train.loops import train_reid_loop
+
+    mlflow_uri, training = pre["mlflow_uri"], pre["training"]
+    params = {**flatten(to_dict(cfg)), "data.num_train_images": training.num_real,
+              "data.num_train_ids": training.num_classes, "distractors.num_images": training.num_generated,
+              "distractors.per_batch_used": pre["per_batch"], "steps_per_epoch": pre["steps_per_epoch"]}  # fmt: skip
+    run_tags = {"job": "train_reid", "model": cfg.model.name, "loss.mode": cfg.loss.mode,
+                "distractors": "yes" if training.num_generated else "no"}  # fmt: skip
+    if pre["distractors"] is not None:
+        generator = pre["distractors"].metadata.get("generator") or {}
+        run_tags.update({"distractors.uri": cfg.distractors.uri,
+                         "distractors.generator": generator.get("pinned_uri", "unknown")})  # fmt: skip
+    run_id, result, fit_seconds = _train(train_reid_loop, cfg, mlflow_uri, params=params, tags={**run_tags, **(tags or {})},
+                                         settings=pre["settings"], callbacks=callbacks)  # fmt: skip
+    try:
+        final = finalize(cfg, pre, mlflow_uri, run_id, result.checkpoint)
+    except Exception:
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise
+    tracking.set_terminated(mlflow_uri, run_id, "FINISHED")
+    return {"run_id": run_id, "final": final, "checkpoint": result.checkpoint,
+            "last_metrics": dict(result.metrics or {}), "fit_seconds": fit_seconds}  # fmt: skip
+
+
+def load_trained_model(checkpoint):
+    """(model in eval mode, checkpoint meta) from the checkpoint's plain weights (``model.pt``; world-size free)."""
+    import torch
+
+    from reid_core.models import build_model
+    from reid_core.train.checkpoint import read_meta
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = checkpoint.to_directory(tmp)
+        meta = read_meta(directory)
+        model = build_model(meta["model"]["name"], **meta["model"]["kwargs"])
+        model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+def count_flops(model, example) -> int:
+    """FLOPs of one forward pass (``torch.utils.flop_counter``: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(example)
+    return int(counter.get_total_flops())
+
+
+def convert_checked(model, example):
+    """CondenseNet: finish condensation, convert, and check the features agree. Returns (deploy, stages, rel. diff)."""
+    import torch
+
+    from reid_core.models.condense import convert, finish_condensation
+
+    stages = finish_condensation(model)
+    if stages:
+        log.warning("%d layer-stages of condensation were still due at the end of training: applied now", stages)
+    deploy = convert(model)
+    with torch.no_grad():
+        trained, converted = model.forward_features(example), deploy.forward_features(example)
+    diff = float((trained - converted).abs().max() / trained.abs().max().clamp(min=1e-12))
+    if not diff <= CONVERT_TOLERANCE:
+        raise RuntimeError(f"converted CondenseNet differs from the trained one: max relative feature difference "
+                           f"{diff:.2e} > {CONVERT_TOLERANCE:.0e}; not registering it")  # fmt: skip
+    log.info("converted CondenseNet: features equal the trained model's (max relative difference %.2e)", diff)
+    return deploy, stages, diff
+
+
+def export_torchscript(feature_model, example, path: Path) -> None:
+    """Trace the feature model to TorchScript and check the traced outputs equal the eager ones."""
+    import torch
+
+    with torch.no_grad():
+        traced = torch.jit.trace(feature_model, example, check_trace=False)
+        if not torch.allclose(traced(example), feature_model(example), atol=1e-5):
+            raise RuntimeError("the traced TorchScript model's features differ from the eager model's")
+    traced.save(str(path))
+
+
+def export_onnx(feature_model, example, path: Path) -> None:
+    import torch
+
+    torch.onnx.export(feature_model, (example,), str(path), input_names=["images"], output_names=["features"],
+                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})  # fmt: skip
+
+
+def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkpoint) -> dict:
+    """Convert, check, evaluate, count, log, register and export the final model. Returns what the summary prints."""
+    import torch
+
+    from reid_core.train.evaluation import (
+        DualStreamFeatureModel,
+        FeatureModel,
+        classify_identities,
+        evaluate_splits,
+    )
+
+    t0 = time.perf_counter()
+    splits, settings = pre["splits"], pre["settings"]
+    model, meta = load_trained_model(checkpoint)
+    h, w = meta["image_size"]
+    dual = is_dual_stream(meta["model"]["name"])
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    face_boxes = None
+    if dual:
+        from reid_core.guidance.faces import FaceDetector
+        from reid_core.train.reid_data import face_boxes as find_face_boxes
+
+        records = list(dict.fromkeys(splits.query + splits.gallery))
+        with FaceDetector(workers=None) as detector:
+            found = find_face_boxes(records, detector, settings=settings)
+        face_boxes = {r: found[i] for i, r in enumerate(records)}
+        example = torch.randn(2, 6, h, h, generator=torch.Generator().manual_seed(0))
+        example[1, 3:] = 0  # the second example has no face
+        deploy, stages, diff = model, 0, 0.0
+        training_form = feature_model = DualStreamFeatureModel(model).eval()
+        converted = False
+    else:
+        example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        training_form = FeatureModel(model).eval()
+        deploy, stages, diff = convert_checked(model, example)
+        feature_model = FeatureModel(deploy).eval()
+        converted = True
+
+    common = dict(image_size=(h, w), batch_size=cfg.eval.batch_size, face_boxes=face_boxes,
+                  face_size=cfg.model.face_size, device=device, settings=settings)  # fmt: skip
+    metrics, _ = evaluate_splits(deploy.to(device), splits.query, splits.gallery, flip=cfg.eval.flip,
+                                 metric=cfg.eval.metric, max_rank=cfg.eval.max_rank, **common)  # fmt: skip
+    if cfg.data.layout == "flima":
+        result = classify_identities(deploy, splits.query + splits.gallery, pid_map=pre["pid_map"], **common)
+        metrics.update(result.summary())
+    deploy.cpu()
+    metrics.update(
+        flops=float(count_flops(feature_model, example[:1])),
+        flops_training_form=float(count_flops(training_form, example[:1])),
+        params=float(sum(p.numel() for p in deploy.parameters())),
+        params_training_form=float(sum(p.numel() for p in model.parameters())),
+        convert_max_rel_diff=diff,
+        condensing_stages_finished_after_training=float(stages),
+    )
+    tracking.log_metrics(mlflow_uri, run_id, metrics, step=meta["epoch"] + 1)
+    version = tracking.log_and_register_pytorch_model(
+        mlflow_uri, run_id, feature_model, name="model", registered_model=cfg.tracking.registered_model,
+        input_example=example.numpy(), alias=cfg.tracking.alias,
+        tags={"model": meta["model"]["name"], "converted": converted, "loss.mode": cfg.loss.mode,
+              "distractors.uri": cfg.distractors.uri or "none", "num_distractors": meta["num_generated"],
+              "data.uri": cfg.data.uri, "image_size": f"{h}x{w}", "epochs": meta["epoch"] + 1,
+              "rank1": round(metrics["rank1"], 4), "mAP": round(metrics["mAP"], 4),
+              "input": "images (N, 6, S, S): person + face crop" if dual else "images (N, 3, H, W), ImageNet-normalised",
+              "output": "L2-normalised features (N, D)"},
+    )  # fmt: skip
+    exports = export_artifacts(mlflow_uri, run_id, feature_model, example)
+    return {"metrics": metrics, "version": version, "converted": converted, "exports": exports,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def export_artifacts(mlflow_uri: str, run_id: str, feature_model, example) -> list[str]:
+    """TorchScript (must work) and ONNX (when it exports cleanly: the reason is logged and tagged otherwise)."""
+    exports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.torchscript.pt"
+        export_torchscript(feature_model, example, path)
+        tracking.log_artifact_file(mlflow_uri, run_id, path, "export")
+        exports.append(path.name)
+        path = Path(tmp) / "model.onnx"
+        try:
+            export_onnx(feature_model, example, path)
+        except Exception as exc:  # noqa: BLE001 - optional export: reported in the log and on the run
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            log.warning("ONNX export skipped: %s", reason)
+            tracking.set_run_tags(mlflow_uri, run_id, {"export.onnx": f"failed: {reason}"})
+        else:
+            tracking.log_artifact_file(mlflow_uri, run_id, path, "export")
+            tracking.set_run_tags(mlflow_uri, run_id, {"export.onnx": "ok"})
+            exports.append(path.name)
+    return exports
