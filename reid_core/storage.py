@@ -108,6 +108,7 @@ def join(url: str, *parts: str) -> str:
 
 
 _FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+S3FS_RETRIES = 2  # s3fs's own attempts around botocore's (see s3_filesystem)
 
 
 def s3_filesystem(settings: S3Settings | None = None):
@@ -133,6 +134,10 @@ def s3_filesystem(settings: S3Settings | None = None):
             skip_instance_cache=True,
             use_listings_cache=False,
         )
+        # botocore retries every request (standard mode: connection errors, throttling, 5xx; ``max_attempts``); s3fs
+        # wraps each call in its own retry loops, twice nested, which multiplied the attempts against a dead endpoint
+        # to 60 over ~70 s. One s3fs retry stays: it also covers a body cut off mid-read, which botocore does not.
+        fs.retries = S3FS_RETRIES
         _FS_CACHE[cache_key] = fs
     return fs
 
@@ -158,6 +163,19 @@ def _wrap(exc: Exception, url: str, settings: S3Settings | None) -> StorageError
     return StorageError(f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})")
 
 
+_DENIED = (
+    "invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "signature we calculated does not match",
+    "access key id you provided does not exist",
+)  # fmt: skip
+
+
+def _not_found(exc: FileNotFoundError, url: str, settings: S3Settings | None) -> Exception:
+    """A missing bucket is a storage problem (``StorageError``), a missing object a ``FileNotFoundError``."""
+    if is_s3(url) and "bucket" in str(exc).lower():
+        return _wrap(exc, url, settings)
+    return FileNotFoundError(f"object not found: {url}")
+
+
 def _describe_s3_error(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
@@ -165,8 +183,10 @@ def _describe_s3_error(exc: BaseException) -> str:
         return "bucket does not exist"
     if any(s in lowered for s in ("could not connect", "connect timeout", "connection refused", "endpointconnection")):
         return "endpoint is unreachable"
-    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden")):
+    if isinstance(exc, PermissionError) or any(s in lowered for s in _DENIED):
         return "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
+    if "connectionclosed" in lowered:
+        return "endpoint closed the connection on every attempt"
     if isinstance(exc, FileNotFoundError):
         return "object not found"
     return f"request failed ({text})"
@@ -176,8 +196,8 @@ def read_bytes(url: str, settings: S3Settings | None = None) -> bytes:
     fs, path = filesystem(url, settings)
     try:
         return fs.cat_file(path)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as exc:
+        raise _not_found(exc, url, settings) from None
     except Exception as exc:
         raise _wrap(exc, url, settings) from exc
 
@@ -228,7 +248,7 @@ def read_many(urls: Iterable[str], settings: S3Settings | None = None, batch_siz
     for path, value in got.items():
         url = paths[path] if path in paths else paths[path.rstrip("/")]
         if isinstance(value, FileNotFoundError):
-            raise FileNotFoundError(f"object not found: {url}")
+            raise _not_found(value, url, settings) from None
         if isinstance(value, Exception):
             raise _wrap(value, url, settings) from value
         out[url] = value
@@ -258,7 +278,8 @@ def read_ranges(
         raise _wrap(exc, requests[0][0], settings) from exc
     for (url, _, _), value in zip(requests, got, strict=True):
         if isinstance(value, FileNotFoundError):
-            raise StorageError(f"object not found: {url}")
+            missing = _not_found(value, url, settings)
+            raise missing if isinstance(missing, StorageError) else StorageError(str(missing))
         if isinstance(value, Exception):
             if "range is not satisfiable" in str(value).lower() or "invalidrange" in str(value).lower():
                 raise RangeNotSatisfiableError(f"{url}: a requested range starts past the end of the object", url)

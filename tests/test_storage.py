@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import urllib.request
+
 import pytest
 
 from reid_core import storage
+from reid_core.stack import Ports, Stack
 
 
 def test_roundtrip_and_listing_on_s3(s3_url):
@@ -71,3 +77,115 @@ def test_bad_urls():
         storage.filesystem("gs://bucket/key")
     with pytest.raises(storage.StorageError, match="not an S3 URL"):
         storage.split_s3("s3:///key")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input against real endpoints: wrong credentials, a missing bucket, an endpoint that drops or refuses connections
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth(tmp_path_factory):
+    """A loopback S3 server of its own that checks credentials (moto's IAM enforcement, switched on through its
+    ``/moto-api/reset-auth`` endpoint after one IAM user with an s3:* policy and an access key was created).
+    Yields (endpoint, the user's S3Settings)."""
+    import boto3
+
+    stack = Stack(root=tmp_path_factory.mktemp("s3auth"), ports=Ports.free(), services=("s3",), bucket="auth-test")
+    stack.up()
+    try:
+        endpoint = stack.s3_endpoint
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "testing",
+                 "aws_secret_access_key": "testing"}  # fmt: skip
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        boto3.client("s3", **admin).put_object(Bucket="auth-test", Key="data/a.jpg", Body=b"x")
+        enforce = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})  # fmt: skip
+        urllib.request.urlopen(enforce, timeout=10).read()
+        yield endpoint, storage.S3Settings(endpoint_url=endpoint, key=key["AccessKeyId"], secret=key["SecretAccessKey"])
+    finally:
+        stack.down()
+
+
+@pytest.mark.parametrize("which", ["wrong secret", "unknown key"])
+def test_wrong_credentials_are_named_wherever_s3_is_read(s3_with_auth, monkeypatch, which):
+    from reid_core.data import Record, ReIDDataset, read_layout
+
+    endpoint, good = s3_with_auth
+    assert storage.read_bytes("s3://auth-test/data/a.jpg", good) == b"x"  # the server accepts the right key
+    key, secret = (good.key, "wrong") if which == "wrong secret" else ("AKIAUNKNOWNKEY000000", good.secret)
+    bad = storage.S3Settings(endpoint_url=endpoint, key=key, secret=secret, max_attempts=2)
+    denied = r"access denied.*check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    where = rf"{denied}.*\(endpoint {endpoint}, bucket 'auth-test'\)"
+    with pytest.raises(storage.StorageError, match=rf"S3 access denied to bucket 'auth-test' at {endpoint}"):
+        storage.check_location("s3://auth-test/data", bad)
+    for read in (
+        lambda: storage.read_bytes("s3://auth-test/data/a.jpg", bad),
+        lambda: storage.read_many(["s3://auth-test/data/a.jpg"], bad),
+        lambda: storage.list_files("s3://auth-test/data", bad),
+        lambda: storage.read_ranges([("s3://auth-test/data/a.jpg", 0, 1)], bad),
+    ):
+        with pytest.raises(storage.StorageError, match=where):
+            read()
+    # The same through the environment, as jobs and workers get it: never mistaken for a bad image or layout.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with pytest.raises(storage.StorageError, match=denied):
+        read_layout("s3://auth-test/data", "market1501")
+    with pytest.raises(storage.StorageError, match=denied):
+        ReIDDataset([Record("s3://auth-test/data/a.jpg", 0, 0)], on_bad_image="skip").__getitems__([0])
+
+
+def test_missing_bucket_is_named_on_reads(s3_env):
+    from reid_core.data import load_image
+
+    message = r"S3 bucket does not exist: s3://no-such-bucket/x.jpg \(endpoint http://127.0.0.1:\d+, bucket 'no-such-bucket'\)"
+    for read in (
+        lambda: storage.read_bytes("s3://no-such-bucket/x.jpg"),
+        lambda: storage.read_many(["s3://no-such-bucket/x.jpg"]),
+        lambda: storage.list_files("s3://no-such-bucket/x.jpg"),
+        lambda: load_image("s3://no-such-bucket/x.jpg"),  # a StorageError, not a BadImageError that could be skipped
+    ):
+        with pytest.raises(storage.StorageError, match=message):
+            read()
+
+
+def test_dropped_connections_are_retried_then_the_endpoint_is_named():
+    """An endpoint that accepts and closes every connection: botocore and s3fs retry, then one error names it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    attempts = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    settings = storage.S3Settings(endpoint_url=endpoint, key="k", secret="s", max_attempts=2)
+    try:
+        with pytest.raises(storage.StorageError, match=rf"endpoint closed the connection on every attempt: "
+                                                       rf"s3://b1/k \(endpoint {endpoint}, bucket 'b1'\)"):  # fmt: skip
+            storage.read_bytes("s3://b1/k", settings)
+    finally:
+        server.close()
+    assert len(attempts) >= 2 * storage.S3FS_RETRIES
+
+
+def test_refused_endpoint_is_named_on_reads():
+    settings = storage.S3Settings(endpoint_url="http://127.0.0.1:9", key="k", secret="s", max_attempts=1)
+    for read in (
+        lambda: storage.read_many(["s3://b1/a", "s3://b1/b"], settings),
+        lambda: storage.read_ranges([("s3://b1/a", 0, 10)], settings),
+    ):
+        with pytest.raises(storage.StorageError, match=r"S3 endpoint is unreachable: s3://b1/\w \(endpoint "
+                                                       r"http://127.0.0.1:9, bucket 'b1'\)"):  # fmt: skip
+            read()
