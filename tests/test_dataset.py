@@ -282,6 +282,28 @@ def test_sampler_ranks_share_the_epoch_without_overlap():
         assert np.array_equal(got, batches[rank : len(ranks[0]) * 3 : 3])
 
 
+def test_gan_loop_rank_shards_are_disjoint_equal_and_per_epoch():
+    """The GAN loop's sharding (``DistributedSampler(seed=run.seed, shuffle=True, drop_last=True)`` + ``set_epoch``):
+    every rank the same count (collectives need equal step counts), no record on two ranks, the same shards on every
+    run for an epoch, other shards the next epoch."""
+    from torch.utils.data import DistributedSampler
+
+    def shards(epoch: int, world: int, n: int = 103) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7, drop_last=True)
+            sampler.set_epoch(epoch)
+            out.append(list(sampler))
+        return out
+
+    for world in (1, 2, 3):
+        epoch0 = shards(0, world)
+        assert {len(s) for s in epoch0} == {103 // world}
+        flat = [i for s in epoch0 for i in s]
+        assert len(set(flat)) == len(flat)
+        assert shards(0, world) == epoch0 and shards(1, world) != epoch0
+
+
 def test_sampler_works_with_dataloader_batches(tmp_path):
     records = make_records(tmp_path, pids=(0, 0, 1, 1, 2, 2, 3, 3))
     sampler = RandomIdentitySampler(records, batch_size=4, num_instances=2, seed=0)

@@ -89,7 +89,7 @@ def train_gan_loop(loop_config: dict) -> None:
     from reid_core.data import ReIDDataset, build_transforms, read_layout
     from reid_core.guidance.faces import FaceDetector
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import load_engines, save_engines
+    from reid_core.train.checkpoint import restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
     from reid_core.train.steps import Guidance, gan_step
 
@@ -159,8 +159,7 @@ def train_gan_loop(loop_config: dict) -> None:
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            meta = load_engines(directory, engines, world_size=world)
+        meta, checkpoint = restore_engines(checkpoint, engines, world_size=world)
         start_epoch = meta["epoch"] + 1
         log.info("rank %d resumed from epoch %d (%s)", rank, meta["epoch"], checkpoint.path)
 
@@ -282,7 +281,7 @@ def train_reid_loop(loop_config: dict) -> None:
     from reid_core.losses import reid_loss
     from reid_core.models import build_model
     from reid_core.models.condense import group_lasso_loss, learned_group_convs
-    from reid_core.train.checkpoint import load_engines, save_engines
+    from reid_core.train.checkpoint import restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend
     from reid_core.train.reid_data import (
         FaceStreamDataset,
@@ -364,8 +363,7 @@ def train_reid_loop(loop_config: dict) -> None:
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            meta = load_engines(directory, {"model": engine}, world_size=world)
+        meta, checkpoint = restore_engines(checkpoint, {"model": engine}, world_size=world)
         start_epoch = meta["epoch"] + 1
         log.info("rank %d resumed from epoch %d (%s)", rank, meta["epoch"], checkpoint.path)
 
@@ -447,8 +445,11 @@ def train_reid_loop(loop_config: dict) -> None:
         }
         if condenses and cfg.loss.group_lasso:
             metrics["group_lasso"] = total_sums["group_lasso"] / (steps * world)
-        if dual and cfg.loss.face_presence:
-            metrics["face_presence_loss"] = total_sums["face_presence_loss"] / (steps * world)
+        if dual:
+            # Share of the training images whose face stream sees a face (dlib box or the tagged head region).
+            metrics["train_face_share"] = sum(b is not None for b in boxes.values()) / max(len(boxes), 1)
+            if cfg.loss.face_presence:
+                metrics["face_presence_loss"] = total_sums["face_presence_loss"] / (steps * world)
         if cfg.loss.mode == "distractor_class" and total_sums["generated"]:
             metrics["distractor_accuracy"] = total_sums["distractor_correct"] / total_sums["generated"]
         if condenses:
