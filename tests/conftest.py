@@ -53,3 +53,18 @@ def services_stack(tmp_path_factory, s3_server):
     stack.full_env = {**s3_server.env(), **stack.env()}
     yield stack
     stack.down()
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """A one-process gloo group on 127.0.0.1, as DeepSpeed engines need (destroyed after the test module)."""
+    import torch.distributed as dist
+
+    from reid_core.stack import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -52,24 +51,6 @@ def test_generator_steps_do_not_touch_the_discriminator():
     gan_step(g, d, torch.rand(4, 3, *SIZE) * 2 - 1, z_dim=16, g_steps=3)
     assert all(torch.equal(a, b) for a, b in zip(d0, disc.parameters(), strict=True))
     assert all(p.grad is None for p in disc.parameters())
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    from reid_core.stack import free_port
-
-    return free_port()
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

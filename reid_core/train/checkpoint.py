@@ -6,12 +6,18 @@ Layout of a checkpoint directory:
     meta.json                    epoch, tag, world size, ZeRO stages (rank 0)
     <engine name>.pt             rank 0: the plain ``state_dict`` of the module, readable without DeepSpeed
                                  (the driver registers the final model from it; it does not depend on world size)
+    manifest/rank-NNNNN.json     every rank, written last: size and SHA-256 of each file that rank wrote
+
+Before anything is loaded, ``restore_engines`` checks every rank's manifest (a truncated or altered file, a missing
+rank): a checkpoint that fails is skipped, with a warning naming the file, for the run's previous checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,11 @@ import torch
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+MANIFEST_DIR = "manifest"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files do not match its manifests (truncated, altered or missing); the message names the file."""
 
 
 def epoch_tag(epoch: int) -> str:
@@ -45,6 +56,103 @@ def save_engines(
             **(extra or {}),
         }
         (directory / META).write_text(json.dumps(meta, indent=2))
+    write_manifest(directory, rank=rank)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, *, rank: int) -> Path:
+    """Record size and SHA-256 of every file this rank wrote into ``directory`` (each rank saves into its own local
+    folder, which Ray merges on upload), as ``manifest/rank-NNNNN.json``. Call after the rank's last file."""
+    directory = Path(directory)
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).parts[0] != MANIFEST_DIR
+    }
+    path = directory / MANIFEST_DIR / f"rank-{rank:05d}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    return path
+
+
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Check ``directory`` against the manifests of all ``world_size`` ranks; returns its meta.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that is missing, of the wrong size or the wrong checksum, or
+            the rank whose manifest is missing. A checkpoint written before manifests existed passes with a warning.
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{META} is unreadable: {exc}") from None
+    manifests = directory / MANIFEST_DIR
+    if not manifests.is_dir():
+        log.warning("checkpoint %s has no manifests (written before they existed): integrity not checked", directory)
+        return meta
+    for rank in range(int(meta.get("world_size", 1))):
+        path = manifests / f"rank-{rank:05d}.json"
+        try:
+            files = json.loads(path.read_text())["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CorruptCheckpointError(f"the manifest of rank {rank} is missing or unreadable ({exc})") from None
+        for name, want in files.items():
+            f = directory / name
+            if not f.is_file():
+                raise CorruptCheckpointError(f"{name} (rank {rank}) is missing")
+            size = f.stat().st_size
+            if size != want["size"]:
+                raise CorruptCheckpointError(f"{name} (rank {rank}) has {size} bytes, its manifest says {want['size']}")
+            if _sha256(f) != want["sha256"]:
+                raise CorruptCheckpointError(f"{name} (rank {rank}) does not match the SHA-256 of its manifest")
+    return meta
+
+
+def earlier_checkpoints(checkpoint) -> list:
+    """The run's checkpoints older than ``checkpoint`` (a ``ray.train.Checkpoint``), newest first: the sibling
+    ``checkpoint_<timestamp>`` folders in the same storage folder, which Ray names in time order."""
+    from pyarrow.fs import FileSelector, FileType
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    infos = checkpoint.filesystem.get_file_info(FileSelector(parent))
+    older = sorted(
+        (i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
+         and i.base_name < name),
+        reverse=True,
+    )  # fmt: skip
+    return [type(checkpoint)(path=p, filesystem=checkpoint.filesystem) for p in older]
+
+
+def restore_engines(checkpoint, engines: dict[str, Any], *, world_size: int) -> tuple[dict, Any]:
+    """Restore ``engines`` from the newest intact checkpoint: ``checkpoint`` (from ``ray.train.get_checkpoint()``)
+    or, when its files fail their manifests, the run's previous ones in turn. Returns (meta, the checkpoint used).
+
+    Raises:
+        CorruptCheckpointError: when no checkpoint of the run is intact (each failure is named in the message).
+    """
+    failures = []
+    for candidate in [checkpoint, *earlier_checkpoints(checkpoint)]:
+        with candidate.as_directory() as directory:
+            try:
+                verify_checkpoint(directory)
+            except CorruptCheckpointError as exc:
+                log.warning("checkpoint %s is corrupt: %s; trying the run's previous checkpoint", candidate.path, exc)
+                failures.append(f"{candidate.path}: {exc}")
+                continue
+            meta = load_engines(directory, engines, world_size=world_size)
+        if failures:
+            log.warning("resumed from %s (epoch %d) instead of the latest checkpoint %s, which is corrupt",
+                        candidate.path, meta["epoch"], checkpoint.path)  # fmt: skip
+        return {**meta, "skipped_corrupt_checkpoints": len(failures)}, candidate
+    raise CorruptCheckpointError("no intact checkpoint to resume from: " + "; ".join(failures))
 
 
 def read_meta(directory: str | Path) -> dict:
