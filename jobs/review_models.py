@@ -6,8 +6,10 @@
     python jobs/review_models.py report [--name NAME] [--out review.md|review.html]
 
 Only ``MlflowClient`` and aliases (stages are deprecated). A version's metrics are its run's latest values (Rank-1,
-mAP, mINP for re-ID models; face rate and losses for GAN generators); λ1, λ2, the guidance mode and the dataset come
-from the version's tags (as ``jobs/train_gan.py`` / ``jobs/train_reid.py`` register them), else from its run's params.
+mAP, mINP for re-ID models; face rate and losses for GAN generators), plus the results ``jobs/evaluate.py`` tagged it
+with (``eval.<dataset>.mAP``, ...: ``promote --metric eval.msmt17.mAP`` gates on them); λ1, λ2, the guidance mode and
+the dataset come from the version's tags (as ``jobs/train_gan.py`` / ``jobs/train_reid.py`` register them), else from
+its run's params.
 
 ``promote`` refuses (exit 2, one line) a version whose gate metric is worse than the current champion's on the same
 dataset, a version or champion without that metric, or a champion evaluated on another dataset, unless ``--force``;
@@ -44,6 +46,8 @@ REVIEW_EXPERIMENT = "registry-review"
 PREFERRED_METRICS = ("rank1", "rank5", "mAP", "mINP", "face_rate", "loss_g", "loss_d")
 # Metrics where a smaller value is the better model (the promotion gate's direction); everything else: larger.
 LOWER_IS_BETTER_PREFIXES = ("loss",)
+# Metrics of the model version's tags eval.<dataset>[.rerank].<metric> (jobs/evaluate.py), read as metrics.
+EVAL_TAG_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif")
 MAX_PICTURES = 50  # per version: a run with thousands of images would flood the page
 MAX_ARTIFACT_DEPTH = 3
@@ -98,6 +102,13 @@ def model_version_record(client, mv, aliases: dict[str, str], *, with_pictures: 
         if key not in metrics and key in tags:
             try:
                 metrics[key] = float(tags[key])
+            except ValueError:
+                pass
+    # jobs/evaluate.py tags an evaluated version eval.<dataset>.<metric> (eval.msmt17.mAP): gate with --metric on them.
+    for key, value in tags.items():
+        if key.startswith("eval.") and key.rsplit(".", 1)[-1] in EVAL_TAG_METRICS and key not in metrics:
+            try:
+                metrics[key] = float(value)
             except ValueError:
                 pass
 

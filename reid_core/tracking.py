@@ -334,6 +334,54 @@ def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
         c.set_tag(run_id, key, str(value))
 
 
+# ------------------------------------------------------------------------------------------------ models of runs
+# (added for jobs/evaluate.py: a model may be named by its run, ``runs:/RUN_ID/model``, as well as by the registry)
+
+
+def parse_run_model_uri(model_uri: str) -> tuple[str, str]:
+    """``runs:/RUN_ID/PATH`` -> (RUN_ID, PATH); ``RegistryError`` naming the expected forms otherwise."""
+    rest = model_uri[len("runs:/") :].strip("/") if model_uri.startswith("runs:/") else ""
+    run_id, _, path = rest.partition("/")
+    if not run_id or not path:
+        raise RegistryError(f"model URI {model_uri!r} is not a run model URI: expected runs:/RUN_ID/model")
+    return run_id, path
+
+
+def resolve_run_model(uri: str, model_uri: str) -> tuple[str, ModelVersionRef | None]:
+    """Look ``runs:/RUN_ID/PATH`` up at ``uri``: returns (RUN_ID, the registered version made from exactly that
+    logged model, or None when it was never registered).
+
+    Raises ``RegistryError`` in one line when the run does not exist, or has no model at PATH (naming the models it
+    logged).
+    """
+    import mlflow
+    import mlflow.models
+    from mlflow.exceptions import MlflowException
+
+    run_id, path = parse_run_model_uri(model_uri)
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"MLflow at {uri}: looking up run {run_id} failed: {exc.message}") from None
+        raise RegistryError(f"run {run_id} does not exist at the MLflow server {uri}") from None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for a missing model; the message lists what exists
+        logged = c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        names = sorted({m.name for m in logged}) or ["none"]
+        raise RegistryError(
+            f"run {run_id} has no model {path!r} (its logged models: {', '.join(names)}) at the MLflow server {uri}"
+        ) from None
+    for mv in c.search_model_versions(f"run_id = '{run_id}'"):
+        if info.model_id and _model_id(mv) == info.model_id:
+            return run_id, resolve_model_version(uri, f"models:/{mv.name}/{mv.version}")
+    return run_id, None
+
+
 # ------------------------------------------------------------------------------------------------ searches
 # (added for jobs/tune_lambdas.py: a parent run per search, a child run per trial, found again after a restart)
 

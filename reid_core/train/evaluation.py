@@ -8,7 +8,8 @@
 - ``classify_identities`` predicts each test box's identity with the classifier over the N real classes (the
   distractor logit is never an answer) and scores it with ``reid_core.metrics.classification_metrics`` (FLIMA's P/R/F1).
 - ``FeatureModel`` and ``DualStreamFeatureModel`` are what gets registered and exported: image batch -> normalised
-  feature, one tensor in and one out.
+  feature, one tensor in and one out; ``RegisteredFeatureModel`` wraps such a deployed model (from the registry) back
+  into the ``forward_features`` interface, so that ``extract_features`` serves both.
 
 The Dual-Stream CNN reads (person image, face crop, has_face): pass ``face_boxes`` ({record: box or None}).
 No Ray or MLflow here.
@@ -59,6 +60,34 @@ class DualStreamFeatureModel(nn.Module):
         person, face = x[:, :3], x[:, 3:]
         has_face = face.flatten(1).abs().amax(1) > 0
         return F.normalize(self.model.forward_features(person, face, has_face), dim=1)
+
+
+class RegisteredFeatureModel(nn.Module):
+    """The inverse of ``FeatureModel`` / ``DualStreamFeatureModel``: a deployed one-input model (e.g. loaded from the
+    MLflow registry) with the ``forward_features`` interface ``extract_features`` uses.
+
+    ``model``: images (N, 3, H, W) -> features (N, D), or (N, 6, S, S) person + face crop -> features (``dual``). The
+    features are returned as the model gives them (already L2-normalised by the registered models).
+
+    MLflow 3 loads PyTorch models as ``torch.export`` programs fixed in eval mode, whose ``train()``/``eval()`` raise:
+    ``train`` here leaves the wrapped model alone, so it must already be in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, *, dual: bool = False):
+        super().__init__()
+        self.model = model
+        self.dual = dual
+
+    def train(self, mode: bool = True) -> RegisteredFeatureModel:
+        if mode:
+            raise ValueError("RegisteredFeatureModel wraps a deployed model for inference only; it cannot train")
+        self.training = False
+        return self
+
+    def forward_features(self, x: torch.Tensor, face: torch.Tensor | None = None, has_face=None) -> torch.Tensor:
+        if self.dual != (face is not None):
+            raise ValueError("a Dual-Stream model needs face crops (pass face_boxes), a one-stream model none")
+        return self.model(torch.cat([x, face], dim=1) if self.dual else x)
 
 
 def _check_real(records: Sequence[Record], what: str) -> None:

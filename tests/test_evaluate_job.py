@@ -1,0 +1,337 @@
+"""jobs/evaluate.py: the pure parts (subsets, input shapes, names), the registered-model adapter, the job's one-line
+preflight errors, and end to end against real S3, MLflow and Ray: the metrics in MLflow equal ``evaluate_rank`` (and
+re-ranked) on features computed in this process from the same model, the pictures exist, the version is tagged and
+``review_models.py`` gates on the tags."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from reid_core.data import Record, ReIDDataset, build_transforms, read_layout
+from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
+from reid_core.models import build_model
+from reid_core.train.evaluation import (
+    DualStreamFeatureModel,
+    FeatureModel,
+    RegisteredFeatureModel,
+    extract_features,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = (64, 32)
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+job = _load_job()
+
+
+def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs/evaluate.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**base, **env},
+    )  # fmt: skip
+
+
+def make_dataset(out: str, env: dict, *, ids: int = 12, per_id: int = 6) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/make_dataset.py"), "--out", out, "--ids", str(ids), "--images-per-id",
+         str(per_id), "--cameras", "3"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def tiny_feature_model(seed: int = 0) -> FeatureModel:
+    torch.manual_seed(seed)
+    return FeatureModel(build_model("condensenet_tiny", num_classes=6, feature_dim=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def local_msmt17(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval-data") / "msmt17")
+    make_dataset(out, {})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def records(pids_cams: list[tuple[int, int]], prefix: str) -> list[Record]:
+    return [Record(path=f"/{prefix}/{i}.jpg", pid=p, camid=c) for i, (p, c) in enumerate(pids_cams)]
+
+
+def test_limit_splits_is_deterministic_and_keeps_the_queries_identities():
+    query = records([(p, 0) for p in range(10)], "q")
+    gallery = records([(p % 20, 1) for p in range(40)], "g")
+    q, g = job.limit_splits(query, gallery, 4, 6)
+    assert [r.pid for r in q] == [0, 3, 6, 9]  # evenly spaced, first and last kept
+    assert [r.path for r in g] == ["/g/0.jpg", "/g/3.jpg", "/g/6.jpg", "/g/9.jpg", "/g/20.jpg", "/g/23.jpg"]
+    assert job.limit_splits(query, gallery, 4, 6) == (q, g)
+    assert job.limit_splits(query, gallery, None, None) == (query, gallery)  # no limit: untouched
+    q2, g2 = job.limit_splits(query, gallery, 2, 30)
+    assert len(g2) == 30 and {0, 9} <= {r.pid for r in g2}
+    assert [r.path for r in g2] == sorted((r.path for r in g2), key=lambda p: int(p.split("/")[-1][:-4]))
+
+
+def test_count_answerable_follows_the_protocol():
+    query = records([(1, 0), (2, 0), (3, 0)], "q")
+    gallery = records([(1, 0), (1, 1), (2, 0), (4, 1)], "g")
+    assert job.count_answerable(query, gallery) == 1  # id 2: only its own camera; id 3: absent
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_size", "expected"),
+    [
+        ((-1, 3, 64, 32), None, ((64, 32), False)),
+        ((-1, 6, 64, 64), None, ((64, 64), True)),
+        ((-1, 3, -1, -1), [128, 64], ((128, 64), False)),
+        ((-1, 3, 64, 32), [64, 32], ((64, 32), False)),
+        (None, [64, 32], ((64, 32), False)),
+    ],
+)
+def test_model_input_reads_the_signature(shape, image_size, expected):
+    assert job.model_input(shape, image_size, "models:/m/1") == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_size", "message"),
+    [
+        ((-1, 16), None, r"takes input of shape \(-1, 16\) .* \(N, 3, H, W\) or, Dual-Stream, \(N, 6, S, S\)"),
+        ((-1, 4, 64, 32), None, "takes input of shape"),
+        ((-1, 6, 64, 32), None, "non-square input 64×32"),
+        ((-1, 3, 64, 32), [128, 64], "--image-size 128 64 does not fit models:/m/1"),
+        ((-1, 3, -1, -1), None, "pass --image-size"),
+        (None, None, "no tensor signature"),
+    ],
+)
+def test_model_input_refuses_what_does_not_fit(shape, image_size, message):
+    with pytest.raises(ValueError, match=message):
+        job.model_input(shape, image_size, "models:/m/1")
+
+
+def test_names_and_options():
+    assert job.dataset_short_name("s3://b/x/MSMT17_V1/") == "msmt17_v1"
+    assert job.dataset_short_name("/data/Market-1501 v15") == "market-1501_v15"
+    assert job.dataset_short_name("s3://b/x", "flima-s13") == "flima-s13"
+    assert job.parse_layout_options(["test_session=s13", "queries_per_camera=2"]) == {
+        "test_session": "s13",
+        "queries_per_camera": 2,
+    }
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        job.parse_layout_options(["test_session"])
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+def test_registered_models_give_the_features_of_the_models_they_deploy(local_msmt17):
+    """An exported (torch.export, as MLflow registers) feature model, through RegisteredFeatureModel, gives the
+    eager model's features; flip-averaging averages the normalised features."""
+    splits = read_layout(local_msmt17, "msmt17")
+    recs = splits.query[:10]
+    fm = tiny_feature_model()
+    batch = torch.export.Dim("batch", min=1)
+    exported = torch.export.export(fm, (torch.randn(2, 3, *IMAGE_SIZE),), dynamic_shapes=({0: batch},)).module()
+    with pytest.raises(NotImplementedError):
+        exported.eval()  # what the adapter protects extract_features from
+    adapter = RegisteredFeatureModel(exported)
+    common = dict(image_size=IMAGE_SIZE, batch_size=4)
+    eager, pids, camids = extract_features(fm.model, recs, **common)
+    deployed, pids2, _ = extract_features(adapter, recs, **common)
+    assert torch.allclose(deployed, eager, atol=1e-5) and np.array_equal(pids, pids2)
+    assert [r.pid for r in recs] == pids.tolist() and [r.camid for r in recs] == camids.tolist()
+    flipped, _, _ = extract_features(adapter, recs, flip=True, **common)
+    images = torch.stack([s["image"] for s in ReIDDataset(recs, build_transforms(*IMAGE_SIZE, train=False))])
+    with torch.no_grad():
+        mirrored = fm(images.flip(-1))
+    assert torch.allclose(flipped, F.normalize(deployed + mirrored, dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="inference only"):
+        adapter.train()
+
+
+def test_registered_dual_stream_model_gives_the_dual_stream_features(local_msmt17):
+    splits = read_layout(local_msmt17, "msmt17")
+    recs = splits.query[:6]
+    torch.manual_seed(1)
+    net = build_model("dual_stream_tiny", num_classes=5, feature_dim=16).eval()
+    boxes = {r: ((8, 2, 24, 18) if i % 2 else None) for i, r in enumerate(recs)}
+    common = dict(image_size=(16, 16), batch_size=4, face_boxes=boxes, face_size=16)
+    eager, _, _ = extract_features(net, recs, **common)
+    deployed, _, _ = extract_features(RegisteredFeatureModel(DualStreamFeatureModel(net), dual=True), recs, **common)
+    assert torch.allclose(deployed, eager, atol=1e-5)
+    with pytest.raises(ValueError, match="needs face crops"):
+        extract_features(RegisteredFeatureModel(DualStreamFeatureModel(net), dual=True), recs, image_size=(16, 16),
+                         batch_size=4)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ one-line errors
+def assert_one_line(proc: subprocess.CompletedProcess, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # exactly one line
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "reid@candidate"], "model URI 'reid@candidate' is not valid: expected models:/NAME@ALIAS, "),
+        (["--model", "runs:/abc"], "expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"),
+        (["--max-rank", "0"], "--max-rank must be ≥ 1"),
+        (["--rerank-k2", "30"], "--rerank-k2 (30) must be ≤ --rerank-k1 + 1 (21)"),
+        (["--layout-option", "test_session"], "--layout-option 'test_session': expected KEY=VALUE"),
+        (["--layout-option", "colour=red"], "unknown option(s) colour for layout 'msmt17'; valid options: "),
+        (["--layout", "market1501"], "msmt17 is not a market1501 tree: expected the folders bounding_box_train/"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_any_work(local_msmt17, args, expected):
+    full = ["--model", "models:/reid@candidate", "--data", local_msmt17, "--tracking-uri", "http://127.0.0.1:9", *args]
+    assert_one_line(run_job(full, {}), expected)
+
+
+def test_missing_dataset_and_unreachable_mlflow_are_one_line(local_msmt17, tmp_path):
+    missing = run_job(["--model", "models:/reid@candidate", "--data", str(tmp_path / "nothing")], {})
+    assert_one_line(missing, f"path does not exist: {tmp_path / 'nothing'}")
+    unreachable = run_job(["--model", "models:/reid@candidate", "--data", local_msmt17],
+                          {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # fmt: skip
+    assert_one_line(unreachable, "MLflow tracking server http://127.0.0.1:9 is unreachable")
+
+
+# ------------------------------------------------------------------------------------------------ end to end (slow)
+@pytest.fixture(scope="module")
+def registered(services_stack, s3_server):
+    """A tiny random CondenseNet feature model registered as ``eval-<tag>@candidate`` (version 1), a tiny DC-GAN
+    generator as ``eval-gen-<tag>`` (no re-ID input), and a synthetic MSMT17 set in S3."""
+    from reid_core import tracking
+
+    uri = services_stack.mlflow_uri
+    tag = uuid.uuid4().hex[:6]
+    fm = tiny_feature_model()
+    run_id = tracking.start_run(uri, "evaluate-test", "register-tiny-reid", {})
+    name = f"eval-{tag}"
+    tracking.log_and_register_pytorch_model(uri, run_id, fm, name="model", registered_model=name,
+                                            input_example=torch.randn(2, 3, *IMAGE_SIZE).numpy())  # fmt: skip
+    gen = build_model("dcgan_generator", z_dim=16, width=8, image_size=(64, 32)).eval()
+    tracking.log_and_register_pytorch_model(uri, run_id, gen, name="generator", registered_model=f"eval-gen-{tag}",
+                                            input_example=torch.randn(2, 16).numpy())  # fmt: skip
+    tracking.set_terminated(uri, run_id)
+    data = f"s3://{s3_server.bucket}/eval-{tag}/msmt17"
+    make_dataset(data, s3_server.env())
+    return {"name": name, "run_id": run_id, "model": fm, "data": data, "gen": f"eval-gen-{tag}"}
+
+
+@pytest.mark.slow
+def test_job_evaluates_on_ray_logs_and_tags(services_stack, s3_server, registered, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from reid_core import storage
+
+    env = services_stack.full_env
+    name, data = registered["name"], registered["data"]
+    args = ["--model", f"models:/{name}@candidate", "--data", data, "--flip", "--rerank", "--rerank-k1", "6",
+            "--rerank-k2", "3", "--max-queries", "6", "--max-gallery", "20", "--batch-size", "4", "--chunk-size", "8",
+            "--workers", "2", "--experiment", "evaluate-test", "--ranked-lists", "3"]  # fmt: skip
+    proc = run_job(args, env, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "=== evaluate summary ===" in proc.stdout and "on 2 Ray actors" in proc.stdout
+
+    # The same evaluation in this process, from the model itself.
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    settings = storage.resolve_settings(env["AWS_ENDPOINT_URL"])
+    splits = read_layout(data, "msmt17")
+    query, gallery = job.limit_splits(splits.query, splits.gallery, 6, 20)
+    assert len(query) == 6 < len(splits.query) and len(gallery) == 20 < len(splits.gallery)
+    assert "done: 26/26 images" in proc.stderr  # progress: a line per chunk (4 chunks of ≤ 8)
+    model = RegisteredFeatureModel(registered["model"])
+    qf, qp, qc = extract_features(model, query, image_size=IMAGE_SIZE, batch_size=4, flip=True, settings=settings)
+    gf, gp, gc = extract_features(model, gallery, image_size=IMAGE_SIZE, batch_size=4, flip=True, settings=settings)
+    expected = evaluate_rank(qf, gf, qp, gp, qc, gc, max_rank=50).summary(ranks=(1, 5, 10))
+    reranked = evaluate_rank_reranked(qf, gf, qp, gp, qc, gc, k1=6, k2=3, max_rank=50).summary(ranks=(1, 5, 10))
+
+    client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
+    version = client.get_model_version(name, "1")
+    run_id = version.tags["eval.msmt17.run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    metrics, params = run.data.metrics, run.data.params
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+        assert version.tags.get(f"eval.msmt17.{key}", str(round(value, 6))) == str(round(value, 6)), key
+    for key, value in reranked.items():
+        assert metrics[f"rerank.{key}"] == pytest.approx(value, abs=1e-6), key
+    assert metrics["num_valid_queries"] + metrics["num_skipped_queries"] == 6 and metrics["num_valid_queries"] > 0
+    assert float(version.tags["eval.msmt17.mAP"]) == pytest.approx(expected["mAP"], abs=1e-6)
+    assert float(version.tags["eval.msmt17.rerank.mAP"]) == pytest.approx(reranked["mAP"], abs=1e-6)
+    assert version.tags["eval.msmt17.data.uri"] == data and version.tags["eval.msmt17.flip"] == "True"
+    assert version.tags["eval.msmt17.subset"] == f"6 of {len(splits.query)} queries, 20 of {len(splits.gallery)} " \
+                                                 "gallery images"  # fmt: skip
+    assert params["model_version"] == "1" and params["model_uri"] == f"models:/{name}@candidate"
+    assert params["flip"] == "True" and params["rerank"] == "True" and params["metric"] == "euclidean"
+    assert params["data.uri"] == data and params["data.layout"] == "msmt17" and params["image_size"] == "64x32"
+    assert run.data.tags["input_model.uri"] == f"models:/{name}/1"
+    assert run.data.tags["input_model.run_id"] == registered["run_id"]
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/cmc.png", "plots/ranked_lists.png"}
+    with Image.open(client.download_artifacts(run_id, "plots/ranked_lists.png")) as page:
+        assert page.height > 3 * 128 and page.width > 11 * 64  # 3 queries, each with its top-10 (cells 128×64)
+    with Image.open(io.BytesIO(open(client.download_artifacts(run_id, "plots/cmc.png"), "rb").read())) as cmc:
+        assert cmc.format == "PNG"
+
+    # A second evaluation without re-ranking replaces the dataset's tags: no stale rerank.* values stay behind.
+    again = run_job(["--model", f"models:/{name}/1", "--data", data, "--smoke-test", "--experiment", "evaluate-test",
+                     "--ranked-lists", "0"], env, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    tags = client.get_model_version(name, "1").tags
+    assert tags["eval.msmt17.run_id"] != run_id and not [k for k in tags if k.startswith("eval.msmt17.rerank.")]
+    second = client.get_run(tags["eval.msmt17.run_id"])
+    assert float(tags["eval.msmt17.mAP"]) == pytest.approx(second.data.metrics["mAP"], abs=1e-6)
+    assert [a.path for a in client.list_artifacts(second.info.run_id, "plots")] == ["plots/cmc.png"]
+
+    # review_models gates on the evaluation's tags.
+    review = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/review_models.py"), "promote", name, "1", "--metric", "eval.msmt17.mAP"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert review.returncode == 0, review.stderr
+    assert f"{name} v1 is now @champion" in review.stdout and "eval.msmt17.mAP" in review.stdout
+
+
+@pytest.mark.slow
+def test_registry_errors_are_one_line(services_stack, registered):
+    from reid_core import tracking
+
+    env = services_stack.full_env
+    uri = services_stack.mlflow_uri
+    name, data = registered["name"], registered["data"]
+    alias = run_job(["--model", f"models:/{name}@production", "--data", data], env)
+    assert_one_line(alias, f"registered model {name!r} has no alias 'production' (its aliases: @candidate -> v1")
+    missing = run_job(["--model", "models:/no-such-reid/1", "--data", data], env)
+    assert_one_line(missing, "registered model 'no-such-reid' does not exist")
+    generator = run_job(["--model", f"models:/{registered['gen']}/1", "--data", data], env)
+    assert_one_line(generator, f"models:/{registered['gen']}/1 takes input of shape (-1, 16) (-1: any size), but a "
+                               "re-ID feature model takes images (N, 3, H, W)")  # fmt: skip
+    wrong_size = run_job(["--model", f"models:/{name}/1", "--data", data, "--image-size", "128", "64"], env)
+    assert_one_line(wrong_size, f"--image-size 128 64 does not fit models:/{name}/1, whose input is (-1, 3, 64, 32)")
+    no_run = run_job(["--model", "runs:/0123456789abcdef/model", "--data", data], env)
+    assert_one_line(no_run, "run 0123456789abcdef does not exist")
+
+    # runs:/RUN_ID/model resolves to the version registered from it; a path the run has no model at is named.
+    run_id, ref = tracking.resolve_run_model(uri, f"runs:/{registered['run_id']}/model")
+    assert run_id == registered["run_id"] and ref is not None and (ref.name, ref.version) == (name, "1")
+    with pytest.raises(tracking.RegistryError, match="has no model 'nothing' .*its logged models: generator, model"):
+        tracking.resolve_run_model(uri, f"runs:/{registered['run_id']}/nothing")
