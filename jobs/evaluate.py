@@ -532,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     m = metrics
     art = tracking.artifact_uri(uri, run_id)
     print("\n=== evaluate summary ===")
-    print(f"model:             {pre['pinned_uri']} ({args.model}" + (f"; run {pre['model_run_id']})" if
-                                                                      pre["model_run_id"] else ")"))  # fmt: skip
+    version = f"registered as {ref.uri}" if ref else "not registered"
+    produced = f", logged by run {pre['model_run_id']}" if pre["model_run_id"] else ""
+    print(f"model:             {args.model} ({version}{produced})")
     print(f"dataset:           {args.data} ({args.layout}{', ' + str(pre['options']) if pre['options'] else ''}): "
           f"{len(query)} queries, {len(gallery)} gallery images")  # fmt: skip
     print(f"features:          {len(feats)} × {pre['feature_dim']} on {extraction['workers']} Ray actors in "
