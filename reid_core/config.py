@@ -19,6 +19,7 @@ import yaml
 LAYOUTS = ("msmt17", "market1501", "flima")
 GUIDANCE_MODES = ("paper", "weighted", "critic")
 PRECISIONS = ("fp32", "bf16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
 class ConfigError(ValueError):
@@ -68,11 +69,31 @@ class OptimConfig:
 class ScalingConfig:
     """Ray Train workers and the DeepSpeed engine settings they use."""
 
-    num_workers: int = 2
+    num_workers: int = 2  # workers of a run (the maximum when min_workers is set)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
+    # PACK (Ray's default): a run's workers on as few nodes as possible, so gradients stay on NVLink / in one host.
+    # SPREAD: one worker per node where possible (per-node CPUs and network for data loading; one lost node costs
+    # one worker). The STRICT_ variants fail rather than fall back. docs/cluster.md §8.
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # None: always num_workers. An int: elastic Ray Train, between min_workers and num_workers workers, as many as the
+    # cluster has resources for; a restart at another world size resumes under DESIGN.md's world-size rule.
+    min_workers: int | None = None
+
+    def validate(self) -> None:
+        check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        check_choice("scaling.precision", self.precision, PRECISIONS)
+        check_positive("scaling.num_workers", self.num_workers)
+        check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"scaling.min_workers: expected 1 ≤ min_workers ≤ num_workers ({self.num_workers}) or null for a fixed "
+                f"worker count, got {self.min_workers}"
+            )
 
 
 @dataclass
@@ -116,21 +137,17 @@ class GanJobConfig:
         check_choice("data.layout", self.data.layout, LAYOUTS)
         check_choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
         check_choice("guidance.mode", self.guidance.mode, GUIDANCE_MODES)
-        check_choice("scaling.precision", self.scaling.precision, PRECISIONS)
+        self.scaling.validate()
         check_unit_interval("guidance.lambda1", self.guidance.lambda1)
         check_unit_interval("guidance.lambda2", self.guidance.lambda2)
         check_positive("optim.batch_size", self.optim.batch_size)
         check_positive("optim.epochs", self.optim.epochs)
         check_positive("optim.g_steps", self.optim.g_steps)
         check_positive("optim.lr", self.optim.lr)
-        check_positive("scaling.num_workers", self.scaling.num_workers)
-        check_positive("scaling.cpus_per_worker", self.scaling.cpus_per_worker)
         check_positive("model.z_dim", self.model.z_dim)
         if self.guidance.detector_workers < 0:
             raise ConfigError(f"guidance.detector_workers: expected ≥ 0, got {self.guidance.detector_workers}")
         check_positive("model.width", self.model.width)
-        if self.scaling.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.scaling.zero_stage}")
         if self.data.max_images is not None:
             check_positive("data.max_images", self.data.max_images)
         if not self.data.uri:
@@ -395,7 +412,7 @@ class ReidJobConfig:
         check_choice("optim.optimizer", self.optim.optimizer, REID_OPTIMIZERS)
         check_choice("optim.schedule", self.optim.schedule, REID_SCHEDULES)
         check_choice("eval.metric", self.eval.metric, EVAL_METRICS)
-        check_choice("scaling.precision", self.scaling.precision, PRECISIONS)
+        self.scaling.validate()
         if not self.data.uri:
             raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
         for key, value in (
@@ -407,8 +424,6 @@ class ReidJobConfig:
             ("model.face_size", self.model.face_size),
             ("eval.max_rank", self.eval.max_rank),
             ("eval.batch_size", self.eval.batch_size),
-            ("scaling.num_workers", self.scaling.num_workers),
-            ("scaling.cpus_per_worker", self.scaling.cpus_per_worker),
         ):
             check_positive(key, value)
         for key, value in (
@@ -428,8 +443,6 @@ class ReidJobConfig:
         check_unit_interval("data.flip", self.data.flip)
         if not 0.0 <= self.model.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate: expected a value in [0, 1), got {self.model.dropout_rate}")
-        if self.scaling.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.scaling.zero_stage}")
         for key, value in (("data.max_images", self.data.max_images),
                            ("distractors.max_images", self.distractors.max_images)):  # fmt: skip
             if value is not None:

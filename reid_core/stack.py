@@ -276,6 +276,8 @@ class Stack:
         return [name for name in self.services if not self._answers(name)]
 
     def _answers(self, name: str) -> bool:
+        if name.startswith(RAY_NODE_PREFIX):
+            return self._ray_node(name.removeprefix(RAY_NODE_PREFIX)) is not None
         url = {
             "s3": self.s3_endpoint + "/",
             "mlflow": self.mlflow_uri + "/health",
@@ -373,23 +375,98 @@ class Stack:
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ]  # fmt: skip
-        env = {
+        if not self.ray_token_path.exists():
+            import secrets
+
+            self.ray_token_path.write_text(secrets.token_hex(32))
+            self.ray_token_path.chmod(0o600)
+        rec = self._spawn("ray", cmd, self._ray_env())
+        self._wait("ray", rec, lambda: _http_ok(self.dashboard_url + "/api/version", token=self._ray_token()))
+
+    def _ray_env(self) -> dict[str, str]:
+        """Environment of every Ray node this stack starts: token auth on, no usage stats, the venv first on PATH."""
+        return {
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
             # The jobs' processes find the venv's python and console scripts first.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
-        if not self.ray_token_path.exists():
-            import secrets
-
-            self.ray_token_path.write_text(secrets.token_hex(32))
-            self.ray_token_path.chmod(0o600)
-        rec = self._spawn("ray", cmd, env)
-        self._wait("ray", rec, lambda: _http_ok(self.dashboard_url + "/api/version", token=self._ray_token()))
 
     def _ray_token(self) -> str | None:
         return self.ray_token_path.read_text().strip() if self.ray_token_path.exists() else None
+
+    # ------------------------------------------------------------------------------------------- more Ray nodes
+    def add_ray_node(self, name: str, num_cpus: int = 1, object_store_mb: int = 256) -> str:
+        """Join one more Ray node to this stack's head, on this machine: its own raylet, object store, agents, ports
+        and temp folder, labelled ``stack-node=<name>`` (what a second machine is to the head, for multi-node tests).
+
+        Waits until the head lists it ALIVE and returns its Ray node id. ``remove_ray_node`` or ``down`` stops it.
+        """
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,15}", name):
+            raise StackError(f"Ray node name {name!r}: expected 1-16 characters of a-z, 0-9 and '-'")
+        key = RAY_NODE_PREFIX + name
+        if "ray" not in self.processes or key in self.processes:
+            raise StackError(f"cannot add Ray node {name!r}: " + ("it exists" if key in self.processes else
+                             "this stack runs no Ray head (start it with the 'ray' service first)"))  # fmt: skip
+        cmd = [
+            _bin("ray"), "start", "--block",
+            f"--address={self.ray_address}",
+            f"--node-ip-address={self.host}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--labels=stack-node={name}",
+            f"--object-store-memory={object_store_mb * 2**20}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0",  # workers on random ports: the head uses Ray's default range
+            f"--temp-dir=/tmp/ray-dcr-{self.ports.ray_gcs}-{name}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        rec = self._spawn(key, cmd, self._ray_env())
+        self._save_state()
+        self._wait(f"Ray node {name}", rec, lambda: self._ray_node(name) is not None)
+        return self._ray_node(name)["node_id"]
+
+    def remove_ray_node(self, name: str, *, graceful: bool = False) -> None:
+        """Take node ``name`` away. Not graceful (default): SIGKILL to all its processes at once, what a machine's
+        power loss or a spot reclaim looks like to the head; graceful: ``ray start``'s own shutdown (SIGTERM)."""
+        rec = self.processes.pop(RAY_NODE_PREFIX + name, None)
+        if rec is None:
+            raise StackError(f"this stack started no Ray node {name!r}")
+        self._save_state()
+        if graceful:
+            _stop_group(rec.pid)
+        elif rec.alive():
+            try:
+                os.killpg(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _stop_group(rec.pid)  # reaps the leader, waits until the group is gone
+
+    def ray_state(self, kind: str = "nodes") -> list[dict]:
+        """A table of the head's state API (``ray list KIND --detail``): "nodes" (node_id, state ALIVE / DEAD, labels,
+        resources_total...), "actors" (class_name, state, node_id...), "placement_groups"..."""
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/{kind}?detail=true&limit=10000",
+            headers={"Authorization": f"Bearer {self._ray_token()}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)["data"]["result"]["result"]
+
+    def _ray_node(self, name: str) -> dict | None:
+        """The ALIVE node labelled ``stack-node=<name>``, or None."""
+        try:
+            nodes = self.ray_state("nodes")
+        except (OSError, ValueError, KeyError):
+            return None
+        return next((n for n in nodes if n["state"] == "ALIVE" and n.get("labels", {}).get("stack-node") == name), None)
 
 
 def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
@@ -427,6 +504,8 @@ def init_ray_for_job(*, use_gpu: bool = False) -> None:
         env["DS_ACCELERATOR"] = "cpu"
     ray.init(runtime_env={"env_vars": env})
 
+
+RAY_NODE_PREFIX = "ray-node-"  # process names of the extra Ray nodes (add_ray_node) in state.json
 
 RUNTIME_ENV_EXCLUDES = [
     ".stack/", ".venv/", ".git/", "/data/", "*.db", ".env", "mlruns/", "**/__pycache__/", ".pytest_cache/",

@@ -22,11 +22,25 @@ from reid_core.config import GanJobConfig, from_dict
 log = logging.getLogger(__name__)
 
 
+def ray_scaling_config(scaling):
+    """Ray Train's ``ScalingConfig`` for ``scaling`` (a ``config.ScalingConfig``): a fixed worker count, or
+    ``(min_workers, num_workers)`` for elastic training (Train V2 restarts the worker group at the size the cluster's
+    resources allow, between the two); 1 GPU per worker on GPUs; the placement-group strategy."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=scaling.num_workers if scaling.min_workers is None else (scaling.min_workers, scaling.num_workers),
+        use_gpu=scaling.use_gpu,
+        resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        placement_strategy=scaling.placement_strategy,
+    )
+
+
 def make_trainer(loop, loop_config: dict, *, scaling, run, settings, callbacks=None):
     """The ``TorchTrainer`` every job builds: workers from ``scaling`` (a ``config.ScalingConfig``), run name, S3
     checkpoint storage, failure and checkpoint policy from ``run`` (a ``config.RunConfig``); ``callbacks``: Ray Train
     ``UserCallback``s (a Tune trial passes the one that forwards validation metrics to Tune)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from reid_core import storage
@@ -36,11 +50,7 @@ def make_trainer(loop, loop_config: dict, *, scaling, run, settings, callbacks=N
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
-        ),
+        scaling_config=ray_scaling_config(scaling),
         run_config=RunConfig(
             name=run.name,
             storage_path=storage_path,
