@@ -315,7 +315,8 @@ def list_files(url: str, settings: S3Settings | None = None) -> list[str]:
     except Exception as exc:
         raise _wrap(exc, url, settings) from exc
     if is_s3(url):
-        return sorted(f"s3://{p}" for p in found)
+        # Keys ending in "/" are directory markers (pyarrow writes them for Ray's run folders): not files.
+        return sorted(f"s3://{p}" for p in found if not p.endswith("/"))
     return sorted(found)
 
 

@@ -25,6 +25,19 @@ def test_roundtrip_and_listing_on_s3(s3_url):
     assert got == {f"{s3_url}/b/{i}.bin": bytes([i]) * 10 for i in range(20)}
 
 
+def test_directory_markers_are_not_listed_as_files(s3_url, s3_env):
+    """pyarrow (Ray's run storage) writes empty "folder/" marker objects: they are no files, and unreadable by key."""
+    import boto3
+
+    bucket, key = storage.split_s3(s3_url)
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key=f"{key}/run/", Body=b"")
+    storage.write_bytes(f"{s3_url}/run/meta.json", b"{}")
+    files = storage.list_files(s3_url)
+    assert files == [f"{s3_url}/run/meta.json"]
+    assert storage.read_many(files) == {f"{s3_url}/run/meta.json": b"{}"}
+
+
 def test_read_many_names_the_missing_object(s3_url):
     storage.write_bytes(f"{s3_url}/ok.bin", b"1")
     with pytest.raises(FileNotFoundError, match="missing.bin"):
