@@ -1,4 +1,5 @@
-"""Datasets: layouts on disk or S3 -> records (``layouts``), records -> tensors and batches (``dataset``)."""
+"""Datasets: layouts on disk or S3 -> records (``layouts``), records -> tensors and batches (``dataset``), packed
+tar shards read as the same records (``shards``), synthetic data in the real layouts (``synthetic``)."""
 
 from reid_core.data.dataset import (
     BadImageError,
