@@ -620,3 +620,72 @@ def test_docs_sizing_table_matches_deepspeeds_estimator():
         cells = [c.strip() for c in row[0].strip("|").split("|")]
         expected = [f"{params:,}"] + [f"{b / 2**30:.2f} GB" for b in (gpu, cpu, gpu_off, cpu_off)]
         assert cells[1:6] == expected, name
+
+
+# Config classes of the jobs whose `--set` overrides the docs use: they are loaded, so unknown keys or bad values fail.
+DOC_JOB_CONFIGS = {"train_gan": "GanJobConfig", "train_reid": "ReidJobConfig"}
+
+
+def doc_shell_commands(path: Path) -> list[str]:
+    """The commands of a Markdown file's ```bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split("  #", 1)[0].split(" &&")[0].rstrip(" &").strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+@functools.cache
+def job_help(job: str, *args: str) -> str:
+    """`python jobs/JOB.py [ARGS...] --help`, run in this process (the jobs' imports are shared: fast)."""
+    import contextlib
+    import io
+    import runpy
+
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [f"jobs/{job}.py", *args, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(ROOT / "jobs" / f"{job}.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code in (0, None), f"jobs/{job}.py {' '.join(args)} --help exited {exited.value.code}"
+    return out.getvalue()
+
+
+def test_docs_job_commands_match_the_jobs():
+    """Every `python jobs/X.py ...` in docs/cluster.md names an existing job, config and flags it accepts, and its
+    `--set` overrides load into the job's config; every file a command names exists in the repository."""
+    from reid_core import config
+
+    commands = doc_shell_commands(ROOT / "docs" / "cluster.md")
+    jobs_seen = set()
+    for command in commands:
+        tokens = shlex.split(command)
+        for token in tokens:  # files of this repository the command names
+            if re.fullmatch(r"(cluster|configs|jobs)/[\w./-]+", token):
+                assert (ROOT / token).exists(), f"docs/cluster.md: `{command}` names {token}, which does not exist"
+        if "python" not in tokens or not any(re.fullmatch(r"jobs/\w+\.py", t) for t in tokens):
+            continue
+        start = next(i for i, t in enumerate(tokens) if re.fullmatch(r"jobs/\w+\.py", t))
+        job, args = Path(tokens[start]).stem, tokens[start + 1 :]
+        jobs_seen.add(job)
+        help_text = job_help(job)
+        # review_models: options of the subcommand named by the first positional argument
+        positional = [a for i, a in enumerate(args) if not a.startswith("-") and not args[i - 1].startswith("-")]
+        if positional and re.search(rf"\{{[\w,]*\b{positional[0]}\b", help_text):
+            help_text += job_help(job, positional[0])
+        for flag in (a.split("=", 1)[0] for a in args if a.startswith("--")):
+            assert re.search(rf"(^|[\s\[]){re.escape(flag)}\b", help_text, re.M), (
+                f"docs/cluster.md: `{command}`: jobs/{job}.py has no option {flag}"
+            )
+        if job in DOC_JOB_CONFIGS:
+            sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+            if "--model" in args:
+                sets.append(f"model.name={args[args.index('--model') + 1]}")
+            config_file = args[args.index("--config") + 1] if "--config" in args else None
+            config.load_config(getattr(config, DOC_JOB_CONFIGS[job]), config_file and ROOT / config_file, sets)
+    # The walk-through covers the whole chain.
+    assert jobs_seen >= {"train_gan", "synthesize", "train_reid", "evaluate", "tune_lambdas", "review_models"}
