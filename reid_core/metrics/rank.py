@@ -18,14 +18,16 @@ Protocol (the one torchreid's ``eval_market1501`` implements, plus mINP):
 How it stays fast and bounded: queries are processed in chunks of rows; each chunk's (rows, G) distances come from
 one torch matrix product (multi-threaded BLAS) into a reused buffer. The rank of every positive is then found by
 **counting** the kept gallery items before it, row by row in a thread pool, never with an argsort: depending on where
-a sample of the row says the positives lie, the row's values (no indices) are sorted with NumPy's vectorised sort and
-binary-searched, or only the items up to some positive are gathered and sorted while the positives beyond it are
-counted with one comparison pass each, or every positive is counted that way. Junk below a positive is counted and
+a sample of the row says the positives lie, and on what each way costs on this machine (measured once per process and
+gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only the items up to
+some positive are gathered and sorted while the positives beyond it are counted with comparison passes, or every
+positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive is counted and
 subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are resolved by
 gallery index. Peak memory is one (rows, G) buffer plus a row per thread, never the (Q, G) matrix: at MSMT17 scale
 (11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort indices.
-Cost: the product plus about 3 ns per gallery item and core for random features (the worst case: positives anywhere,
-so whole rows are sorted), about the cost of a 256-d product; much less when positives rank high.
+Cost: the product plus, for random features (the worst case: positives anywhere in the list), the cheaper of a sort
+of the row (3 ns per item and core with NumPy's AVX-512 sort, 20+ ns without it) and ~0.2 ns per item and positive
+(MSMT17: ~25 positives per query); much less when positives rank high.
 
 Distances (``pairwise_distance``): ``"euclidean"`` is the **squared** Euclidean distance
 ``|q|^2 + |g|^2 - 2 q.g`` (same ranking as the Euclidean distance, no square root), ``"cosine"`` is
@@ -37,7 +39,9 @@ so the chunked evaluation reproduces ``evaluate_rank_reference`` on the full mat
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -280,12 +284,53 @@ class _QueryStatistics:
     inp: np.ndarray  # float64, NaN when skipped
 
 
-# Costs, in ns per gallery item on one AVX-512 core (NumPy 2.x), of the three exact ways to rank a row's positives.
-# They only choose the fastest path for each row; every path gives the same, exact result.
-_COST_SORT = 2.9  # copy the row and sort all of it
-_COST_GATHER = 0.9  # gather the items at or below a positive (np.compress) ...
-_COST_GATHER_SHARE = 1.0 + 2.9  # ... plus, per share of the row gathered, moving and sorting them
-_COST_COUNT = 0.26  # count the items below one positive and those equal to it: two comparison passes
+# Costs, in ns per gallery item and core, of the three exact ways to rank a row's positives. They only choose the
+# fastest path for each row; every path gives the same, exact result. They differ several-fold between machines (on
+# one AVX-512 core with NumPy's vectorised sort: sort 2.9, gather 0.9, share 1.0 + 2.9, count 0.26; on the 2-core
+# AMD VM of 2026-11: sort ~22 at 64k items, count ~0.2), so ``None`` means "measured on this machine" (per-thread CPU
+# time, once per process and gallery size; ``_measured_costs``); a number overrides the measurement (tests do).
+_COST_SORT: float | None = None  # copy the row and sort all of it
+_COST_GATHER: float | None = None  # gather the items at or below a positive (np.compress) ...
+_COST_GATHER_SHARE: float | None = None  # ... plus, per share of the row gathered, moving and sorting them
+_COST_COUNT: float | None = None  # count the items below one positive and those equal to it: two comparison passes
+_CALIBRATION_REPEATS = 3
+
+
+@functools.lru_cache(maxsize=16)
+def _measured_costs(size_log2: int) -> tuple[float, float, float, float]:
+    """(sort, gather, gather share, count) in ns per item, measured on a random float32 row of ``2**size_log2``
+    items: the best of a few runs of each, in CPU time of the calling thread (other processes do not inflate it)."""
+    n = 1 << size_log2
+    row = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    middle, below_all = np.float32(0.0), np.float32(row.min() - 1)
+
+    def per_item(fn) -> float:
+        best = float("inf")
+        for _ in range(_CALIBRATION_REPEATS):
+            t0 = time.thread_time_ns()
+            fn()
+            best = min(best, time.thread_time_ns() - t0)
+        return best / n
+
+    sort = per_item(lambda: row.copy().sort())
+    count = per_item(lambda: (np.count_nonzero(row < middle), np.count_nonzero(row == middle)))
+    gather = per_item(lambda: np.compress(row <= below_all, row))
+    gather_half = per_item(lambda: np.compress(row <= middle, row).sort())  # gather and sort half the row
+    costs = (sort, gather, 2.0 * max(gather_half - gather, 0.0), count)
+    logger.debug("ranking path costs at %d items (ns per item): sort %.2f, gather %.2f + %.2f x share, count %.3f",
+                 n, *costs)  # fmt: skip
+    return costs
+
+
+def _path_costs(num_gallery: int) -> tuple[float, float, float, float]:
+    """(sort, gather, gather share, count): the module's overrides, else measured at about ``num_gallery`` items."""
+    overrides = (_COST_SORT, _COST_GATHER, _COST_GATHER_SHARE, _COST_COUNT)
+    if all(c is not None for c in overrides):
+        return overrides
+    measured = _measured_costs(min(max(int(num_gallery).bit_length(), 10), 17))
+    return tuple(m if c is None else c for c, m in zip(overrides, measured, strict=True))
+
+
 # Stride of the sample that estimates how much of the row lies below each positive.
 _SAMPLE_STRIDE = 64
 
@@ -355,12 +400,13 @@ def _counting_plan(dist: np.ndarray, thresholds: np.ndarray, num_pos: np.ndarray
     at_or_below = torch.searchsorted(torch.from_numpy(sample), torch.from_numpy(thresholds), right=True).numpy()
     share = at_or_below / sample.shape[1]  # (b, M) estimated share of the row at or below each positive
     width = thresholds.shape[1]
+    cost_sort, cost_gather, cost_share, cost_count = _path_costs(dist.shape[1])
     after = num_pos[:, None] - 1 - np.arange(width)[None, :]  # positives after a cut at c
-    cut_cost = np.where(after >= 0, _COST_GATHER + _COST_GATHER_SHARE * share + _COST_COUNT * after, np.inf)
+    cut_cost = np.where(after >= 0, cost_gather + cost_share * share + cost_count * after, np.inf)
     cut = np.argmin(cut_cost, axis=1)
     best_cut = cut_cost[np.arange(len(cut)), cut]
-    count_cost = _COST_COUNT * num_pos
-    whole_row = _COST_SORT <= np.minimum(best_cut, count_cost)
+    count_cost = cost_count * num_pos
+    whole_row = cost_sort <= np.minimum(best_cut, count_cost)
     sorted_count = np.where(whole_row, num_pos, np.where(best_cut <= count_cost, cut + 1, 0))
     return sorted_count, whole_row
 
