@@ -77,6 +77,18 @@ def test_scaling_overrides_reach_the_config():
     assert load_config(GanJobConfig, ROOT / "configs/demo.yaml").scaling.min_workers is None
 
 
+def test_add_ray_node_needs_a_head_and_a_short_name(tmp_path):
+    from reid_core.stack import StackError
+
+    stack = Stack(root=tmp_path, ports=Ports.free(), services=("s3",))
+    with pytest.raises(StackError, match="1-16 characters"):
+        stack.add_ray_node("Worker_1")
+    with pytest.raises(StackError, match="runs no Ray head"):
+        stack.add_ray_node("worker-1")
+    with pytest.raises(StackError, match="started no Ray node 'worker-1'"):
+        stack.remove_ray_node("worker-1")
+
+
 # --------------------------------------------------------------------------------------------- two-node cluster
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory, s3_server):
