@@ -655,6 +655,29 @@ def job_help(job: str, *args: str) -> str:
     return out.getvalue()
 
 
+def test_docs_ray_commands_use_ray_cli_options():
+    """Every `ray ...` command in docs/cluster.md's shell blocks is a command of Ray's CLI (2.60) with its options
+    (read from Ray's own click definitions; the entrypoint after `--` is the other test's)."""
+    from ray.scripts.scripts import cli
+
+    checked = 0
+    for command in doc_shell_commands(ROOT / "docs" / "cluster.md"):
+        tokens = shlex.split(command)
+        if tokens[0] != "ray":
+            continue
+        tokens = tokens[1 : tokens.index("--")] if "--" in tokens else tokens[1:]
+        node, path = cli, ["ray"]
+        while hasattr(node, "commands") and tokens and not tokens[0].startswith("-"):
+            assert tokens[0] in node.commands, f"docs/cluster.md: `{command}`: no command {' '.join(path)} {tokens[0]}"
+            node = node.commands[tokens[0]]
+            path.append(tokens.pop(0))
+        options = {opt for param in node.params for opt in param.opts}
+        for flag in (t.split("=", 1)[0] for t in tokens if t.startswith("--")):
+            assert flag in options, f"docs/cluster.md: `{command}`: {' '.join(path)} has no option {flag}"
+        checked += 1
+    assert checked >= 8  # ray up, dashboard, job submit (x6), down...
+
+
 def test_docs_job_commands_match_the_jobs():
     """Every `python jobs/X.py ...` in docs/cluster.md names an existing job, config and flags it accepts, and its
     `--set` overrides load into the job's config; every file a command names exists in the repository."""
