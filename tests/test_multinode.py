@@ -196,9 +196,8 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
             job.kill()
             job.wait()
     out = job_log.read_text()
-    log.info("first checkpoint after %.0f s, node killed at %.0f s, job done at %.0f s",
-             t_checkpoint, t_kill, time.monotonic() - t0)  # fmt: skip
-    print(out[-3000:])  # the job's end, for whoever reads a failure
+    log.info("first checkpoint after %.0f s, node killed at %.0f s, job done at %.0f s; the job's end:\n%s",
+             t_checkpoint, t_kill, time.monotonic() - t0, out[-3000:])  # fmt: skip
 
     assert job.returncode == 0, f"ray job submit failed ({job.returncode}):\n{out[-8000:]}"
     assert "=== train_gan summary ===" in out
