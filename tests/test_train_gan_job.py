@@ -27,8 +27,13 @@ def run(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
 def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     from mlflow.tracking import MlflowClient
 
-    env = services_stack.full_env
     tag = uuid.uuid4().hex[:6]
+    # Planted secrets: the loopback S3 server accepts any key, so the job runs with these values, and none of them may
+    # appear in anything the job writes (checked at the end).
+    secrets = {"AWS_SECRET_ACCESS_KEY": f"planted-s3-secret-{uuid.uuid4().hex}",
+               "AWS_SESSION_TOKEN": f"planted-session-token-{uuid.uuid4().hex}",
+               "MLFLOW_TRACKING_TOKEN": f"planted-mlflow-token-{uuid.uuid4().hex}"}  # fmt: skip
+    env = {**services_stack.full_env, **secrets}
     data = f"s3://{s3_server.bucket}/synthetic-{tag}/msmt17"
     run(
         [sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "20", "--images-per-id", "8",
@@ -83,3 +88,27 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     os.environ.update(mlflow_env)
     gen = mlflow.pytorch.load_model(f"models:/{model_name}@candidate")
     assert gen(torch.randn(2, 100)).shape == (2, 3, 64, 32)
+
+    # Nothing the job wrote holds a planted secret: job output (the job's logs, streamed by `ray job submit`), the MLflow
+    # run (params, tags, metric names, every artifact), the model version's tags, the checkpoints and Ray's run state.
+    written = {"job output": (proc.stdout + proc.stderr).encode()}
+    run_data = client.get_run(run_id).data
+    written["mlflow params/tags/metrics"] = json.dumps(
+        [run_data.params, run_data.tags, sorted(run_data.metrics)]
+    ).encode()
+    written["model version tags"] = json.dumps(version.tags).encode()
+    artifacts = Path(client.download_artifacts(run_id, ""))
+    for f in artifacts.rglob("*"):
+        if f.is_file():
+            written[f"artifact {f.relative_to(artifacts)}"] = f.read_bytes()
+    from reid_core import storage
+
+    settings = storage.S3Settings(endpoint_url=s3_server.s3_endpoint, key="testing", secret="testing")
+    run_files = storage.list_files(f"s3://{s3_server.bucket}/ray-results/e2e-{tag}", settings)
+    assert any(name.endswith("meta.json") for name in run_files)  # the checkpoints are there to be scanned
+    written.update({url: data for url, data in storage.read_many(run_files, settings).items()})
+    leaks = [
+        (where, name) for where, blob in written.items() for name, value in secrets.items() if value.encode() in blob
+    ]
+    assert not leaks, f"secret values found in what the job wrote: {leaks}"
+    assert len(written) > 10
