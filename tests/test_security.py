@@ -1,0 +1,96 @@
+"""Issue #9 item 8, what the embedded stack and the code promise about exposure and unpickling.
+
+- The stack's own services (loopback S3, MLflow, the Ray dashboard / job API) listen on 127.0.0.1 only.
+- Ray 2.60's core processes (GCS, raylet, agents, Ray Client server) bind all interfaces or the machine's address
+  whatever ``--node-ip-address`` says (known Ray behaviour; see docs/reliability.md): what protects them is Ray's token
+  authentication, so the test checks that the GCS, reached on a non-loopback address, refuses a client without the token.
+- No code of ours unpickles a file: ``torch.load`` always with ``weights_only=True``, no ``pickle.load``.
+(Planted secrets are scanned for in tests/test_train_gan_job.py; the image's non-root user in test_cluster_configs.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_SERVICES = ("moto_server", "mlflow", "uvicorn", "dashboard/dashboard.py")
+
+
+def is_loopback(address: str) -> bool:
+    address = address.removeprefix("::ffff:")
+    return ipaddress.ip_address(address).is_loopback
+
+
+def stack_listeners(stack) -> list[tuple[str, int, str]]:
+    """(address, port, command line) of every listening TCP socket of the stack's processes: those it started, their
+    descendants, and the processes of its Ray session (found by the session's temp folder in their command line)."""
+    state = json.loads(stack.state_file.read_text())
+    pids = set()
+    for record in state["processes"].values():
+        try:
+            leader = psutil.Process(record["pid"])
+        except psutil.NoSuchProcess:
+            continue
+        pids |= {leader.pid, *(c.pid for c in leader.children(recursive=True))}
+    session = f"ray-dcr-{stack.ports.ray_gcs}"
+    for p in psutil.process_iter(["cmdline"]):
+        if session in " ".join(p.info["cmdline"] or []):
+            pids.add(p.pid)
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            try:
+                cmd = " ".join(psutil.Process(conn.pid).cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            out.append((conn.laddr.ip, conn.laddr.port, cmd))
+    return out
+
+
+def test_own_services_listen_on_loopback_only_and_ray_demands_its_token(services_stack, s3_server):
+    listeners = stack_listeners(services_stack) + stack_listeners(s3_server)
+    own = [(a, p, c) for a, p, c in listeners if any(name in c for name in OWN_SERVICES)]
+    ports = {p for _, p, _ in own}
+    assert {s3_server.ports.s3, services_stack.ports.mlflow, services_stack.ports.ray_dashboard} <= ports, own
+    exposed = [(a, p, c[:100]) for a, p, c in own if not is_loopback(a)]
+    assert not exposed, f"own services listening beyond loopback: {exposed}"
+
+    # Ray's GCS on the machine's own (non-loopback) address, without the token: refused.
+    gcs = [(a, p) for a, p, c in listeners if "gcs_server" in c and p == services_stack.ports.ray_gcs]
+    assert gcs, listeners
+    external = [
+        snic.address
+        for snics in psutil.net_if_addrs().values()
+        for snic in snics
+        if snic.family.name == "AF_INET" and not ipaddress.ip_address(snic.address).is_loopback
+    ]
+    if not external:  # a machine with only loopback: nothing beyond it to test
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(services_stack.root)  # no ~/.ray/auth_token of ours to fall back on
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "status", "--address", f"{external[0]}:{services_stack.ports.ray_gcs}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert re.search(r"auth", proc.stdout + proc.stderr, re.IGNORECASE), (proc.stdout + proc.stderr)[-2000:]
+
+
+def test_no_code_of_ours_unpickles_files():
+    offenders = []
+    for path in [*ROOT.glob("reid_core/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("bench/*.py")]:
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
+            if "weights_only=True" not in m.group(0):
+                offenders.append(f"{path.relative_to(ROOT)}: {m.group(0)[:80]}")
+        if re.search(r"\bpickle\.loads?\(|cloudpickle\.loads?\(", text):
+            offenders.append(f"{path.relative_to(ROOT)}: pickle.load")
+    assert not offenders, offenders
