@@ -487,6 +487,9 @@ def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR",
+    # Train V2's placement-group cleaner asks the state API for the cluster: with several Ray instances on one machine
+    # (tests, CI) it must be told which one, or it fails ("Found multiple active Ray instances").
+    "RAY_ADDRESS",
 )  # fmt: skip
 
 

@@ -66,13 +66,28 @@ def start_run(
     from mlflow.entities import Param
 
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment)
-    run = c.create_run(exp_id, run_name=run_name, tags=tags or {})
+    run = c.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags or {})
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         c.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def experiment_id(uri: str, experiment: str) -> str:
+    """The id of ``experiment``, created if needed. Concurrent creators (Tune trials starting together) race: the
+    losers get RESOURCE_ALREADY_EXISTS from the server and use the winner's experiment."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(experiment)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return c.get_experiment_by_name(experiment).experiment_id
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:

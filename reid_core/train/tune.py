@@ -148,8 +148,8 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
     try:
         # 1. GAN
         if "generator.version" not in done:
-            mlflow, n_images = pipeline.preflight_gan(gan_cfg)
-            gan = pipeline.run_gan(gan_cfg, mlflow, n_images, tags={**stage_tags, "tune.role": "gan"})
+            gan_uri, n_images = pipeline.preflight_gan(gan_cfg)
+            gan = pipeline.run_gan(gan_cfg, gan_uri, n_images, tags={**stage_tags, "tune.role": "gan"})
             done["generator.version"], done["gan.run_id"] = gan.version, gan.run_id
             done["generator.uri"] = f"models:/{gan_cfg.tracking.registered_model}/{gan.version}"
             gan_face_rate = tracking.run_metrics(mlflow_uri, gan.run_id).get("face_rate")
