@@ -148,6 +148,28 @@ def test_dataset_crops_boxes(tmp_path):
         ds[1]
 
 
+def test_draft_decoding_is_smaller_never_below_the_target_and_close_after_resize(tmp_path):
+    from reid_core.data.synthetic import SyntheticSpec, jpeg_bytes, plan, render
+
+    spec = SyntheticSpec(ids=2, cameras=2, images_per_id=2)
+    item = next(p for p in plan(spec, "msmt17") if p.size == (256, 128))
+    data = jpeg_bytes(render(spec, item))
+    full = load_image(data, path="p.jpg")
+    draft = load_image(data, path="p.jpg", draft_size=(100, 50))  # 1/2 scale is the smallest that stays >= 100×50
+    assert full.size == (128, 256) and draft.size == (64, 128)
+    resize = build_transforms(64, 32, train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    assert (resize(full) - resize(draft)).abs().mean() < 2 / 255  # the same picture after the training resize
+    assert load_image(encode(noise_image(1, (64, 128)), "PNG"), path="n.png", draft_size=(32, 16)).size == (64, 128)
+    with pytest.raises(BadImageError, match="cut.jpg"):
+        load_image(data[: len(data) // 2], path="cut.jpg", draft_size=(100, 50))
+    # The dataset drafts only records without a box (a box indexes the full-size image).
+    path = tmp_path / "p.jpg"
+    path.write_bytes(data)
+    ds = ReIDDataset([Record(str(path), 0, 0), Record(str(path), 0, 0, box=(0, 0, 128, 256))], decode_size=(100, 50))
+    assert ds[0]["image"].shape == (3, 128, 64) and ds[1]["image"].shape == (3, 256, 128)
+    assert [s["image"].shape for s in ds.__getitems__([0, 1])] == [(3, 128, 64), (3, 256, 128)]
+
+
 def test_bad_image_raises_by_default(tmp_path):
     records = make_records(tmp_path)
     (tmp_path / "img_002.jpg").write_bytes(b"\x00" * 50)

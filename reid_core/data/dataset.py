@@ -55,7 +55,11 @@ class BadImageError(ValueError):
 
 
 def load_image(
-    path_or_bytes: str | os.PathLike | bytes, *, path: str | None = None, settings: storage.S3Settings | None = None
+    path_or_bytes: str | os.PathLike | bytes,
+    *,
+    path: str | None = None,
+    settings: storage.S3Settings | None = None,
+    draft_size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode one image to an RGB ``PIL.Image``.
 
@@ -63,6 +67,9 @@ def load_image(
         path_or_bytes: a URL or local path (read through ``reid_core.storage``), or the file's bytes.
         path: the name used in error messages when bytes are given.
         settings: S3 endpoint and credentials (default: from the environment).
+        draft_size: (height, width): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, as long as
+            the result stays at least this size (PIL's ``draft``; 2-3× faster than a full decode). The image is then
+            smaller than the file: only for callers that resize to about this size anyway and index no pixels.
 
     Raises:
         BadImageError: the object does not exist, or its bytes are empty, truncated or not an image. Transport
@@ -86,6 +93,8 @@ def load_image(
         raise BadImageError(name, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if draft_size is not None:
+                image.draft(None, (draft_size[1], draft_size[0]))
             # With PIL's default LOAD_TRUNCATED_IMAGES=False, load() raises on a file cut inside its pixel data.
             image.load()
             fmt = image.format
@@ -155,6 +164,8 @@ class ReIDDataset(Dataset):
         max_replacements: how many candidates a skip tries before giving up with ``BadImageError``.
         read_batch_size: requests in flight when a batch is fetched through ``__getitems__``.
         settings: S3 endpoint and credentials (default: from the environment of the reading process).
+        decode_size: (height, width) the transform resizes to: JPEGs are decoded at a reduced scale no smaller than
+            that (``load_image``'s ``draft_size``; not for records with a box). None: full-size decode.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class ReIDDataset(Dataset):
         max_replacements: int = 16,
         read_batch_size: int = 64,
         settings: storage.S3Settings | None = None,
+        decode_size: tuple[int, int] | None = None,
     ) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image={on_bad_image!r} must be one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -177,6 +189,7 @@ class ReIDDataset(Dataset):
         self.max_replacements = max_replacements
         self.read_batch_size = read_batch_size
         self.settings = settings
+        self.decode_size = None if decode_size is None else (int(decode_size[0]), int(decode_size[1]))
         self.skipped = 0
         self.bad: dict[str, str] = {}  # path -> reason, for every bad image met in this process
         self._by_pid: dict[int, list[int]] = defaultdict(list)
@@ -213,13 +226,14 @@ class ReIDDataset(Dataset):
         if record.path in self.bad:
             raise BadImageError(record.path, self.bad[record.path])
         try:
+            draft = self.decode_size if record.box is None else None  # a box indexes the full-size image
             if prefetched is not None and record.path in prefetched:
-                image = load_image(prefetched[record.path], path=record.path)
+                image = load_image(prefetched[record.path], path=record.path, draft_size=draft)
             elif record.shard is not None:
                 data = read_record_bytes([record], self.settings)[record.path]
-                image = load_image(data, path=record.path)
+                image = load_image(data, path=record.path, draft_size=draft)
             else:
-                image = load_image(record.path, settings=self.settings)
+                image = load_image(record.path, settings=self.settings, draft_size=draft)
             return _crop(image, record.box, record.path)
         except BadImageError as err:
             if self.on_bad_image == "skip":

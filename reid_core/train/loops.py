@@ -120,6 +120,7 @@ def train_gan_loop(loop_config: dict) -> None:
         records,
         build_transforms(h, w, train=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # -> [-1, 1] like tanh
         on_bad_image=cfg.data.on_bad_image,
+        decode_size=(h, w),  # JPEGs decoded at a reduced scale that the resize still shrinks
     )
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=True
@@ -344,7 +345,7 @@ def train_reid_loop(loop_config: dict) -> None:
                                     flip_p=cfg.data.flip, on_bad_image=cfg.data.on_bad_image)  # fmt: skip
     else:
         dataset = ReIDDataset(training.records, build_transforms(h, w, train=True, flip_p=cfg.data.flip,
-                              pad=cfg.data.pad), on_bad_image=cfg.data.on_bad_image)  # fmt: skip
+                              pad=cfg.data.pad), on_bad_image=cfg.data.on_bad_image, decode_size=(h, w))  # fmt: skip
     loader_kwargs = {"num_workers": cfg.data.loader_workers}
     if cfg.data.loader_workers:
         loader_kwargs.update(multiprocessing_context="forkserver", persistent_workers=True)
