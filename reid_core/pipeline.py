@@ -275,10 +275,22 @@ def export_torchscript(feature_model, example, path: Path) -> None:
 
 
 def export_onnx(feature_model, example, path: Path) -> None:
+    """Export to one self-contained ONNX file (weights inside, dynamic batch) and check that onnxruntime gives the eager
+    model's features, on a batch of another size than the export example."""
+    import numpy as np
+    import onnxruntime
     import torch
 
     torch.onnx.export(feature_model, (example,), str(path), input_names=["images"], output_names=["features"],
-                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})  # fmt: skip
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False)  # fmt: skip
+    check = torch.cat([example, example[:1]])
+    with torch.no_grad():
+        expected = feature_model(check).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": check.numpy()})
+    if not np.allclose(got, expected, atol=1e-5):
+        raise RuntimeError(f"the ONNX model's features differ from the eager model's (max |diff| "
+                           f"{np.abs(got - expected).max():.2e})")  # fmt: skip
 
 
 def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkpoint) -> dict:
