@@ -171,8 +171,9 @@ def main() -> int:
         share = t_learned / times["training form"]["cpu"]
         print(
             f"  inside the 1x1 learned group convolutions only: {t_learned * 1e3:.1f} -> {t_condensed * 1e3:.1f} ms "
-            f"CPU ({t_learned / t_condensed:.2f}x); they are {share:.0%} of the training form's time, the rest "
-            "(3x3 group convs, pooling, concatenation) is unchanged by the conversion"
+            f"CPU ({t_learned / t_condensed:.2f}x); they are {share:.0%} of the training form's time; of the rest, the "
+            "3x3 group convolutions and pooling are the same in both forms (the conversion also folds the 3x3 branch's "
+            "BN-ReLU into the 1x1 and writes each block into one buffer instead of concatenating per layer)"
         )
 
     head = ("feature", "classifier")

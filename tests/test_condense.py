@@ -232,3 +232,28 @@ def test_converted_model_is_scriptable_for_export():
     x = torch.randn(2, 3, 32, 16)
     with torch.no_grad():
         assert torch.allclose(scripted.forward_features(x), deploy.forward_features(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("min_flops_per_byte", [0.0, 1e9])  # every layer grouped / every layer dense
+def test_deploy_fusions_keep_the_outputs_with_and_without_autograd(monkeypatch, min_flops_per_byte):
+    import reid_core.models.condense as condense
+    from reid_core.models.condensenet import DenseLayer, DeployDenseBlock
+
+    monkeypatch.setattr(condense, "GROUPED_MIN_FLOPS_PER_BYTE", min_flops_per_byte)
+    model = tiny_condensenet()
+    randomise_batch_norm(model, seed=5)
+    finish_condensation(model)
+    model.eval()
+    deploy = convert(model)
+    form = "grouped" if min_flops_per_byte == 0.0 else "dense"
+    layers = [m for m in deploy.modules() if isinstance(m, CondensedGroupConv)]
+    assert layers and all(m.form == form and m.output_relu for m in layers)
+    # the blocks write into one buffer; each 3×3 branch lost its batch norm and ReLU to the 1×1 before it
+    assert [type(m) for m in deploy.blocks] == [DeployDenseBlock, nn.AvgPool2d, DeployDenseBlock]
+    assert all(isinstance(m.conv_2[0], nn.Identity) and isinstance(m.conv_2[1], nn.Identity)
+               for m in deploy.modules() if isinstance(m, DenseLayer))  # fmt: skip
+    x = torch.randn(3, 3, 32, 16)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        assert torch.allclose(deploy.forward_features(x), expected, atol=1e-5)
+    assert torch.allclose(deploy.forward_features(x), expected, atol=1e-5)  # the autograd path

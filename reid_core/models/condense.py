@@ -190,7 +190,8 @@ class CondensedGroupConv(nn.Module):
       (out_channels, in_channels), rows in the interleaved order: no shuffle needed).
 
     ``bias`` (out_channels,) is zero unless the batch norm that follows the layer in eval mode was folded in
-    (``fold_output_norm``): then the output is that batch norm's output.
+    (``fold_output_norm``): then the output is that batch norm's output. ``output_relu`` (set by the deploy fusion when
+    a ReLU follows) applies that ReLU too, inside the shuffle's copy.
     """
 
     def __init__(self, *, in_channels: int, out_channels: int, groups: int, kept_per_group: int, form: str = "grouped"):
@@ -209,6 +210,7 @@ class CondensedGroupConv(nn.Module):
         shape = (groups, out_channels // groups, kept_per_group) if form == "grouped" else (out_channels, in_channels)
         self.weight = nn.Parameter(torch.zeros(shape))
         self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.output_relu = False  # set by the deploy fusion when a ReLU follows (see fold_output_norm)
 
     @classmethod
     @torch.no_grad()
@@ -274,7 +276,8 @@ class CondensedGroupConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "dense":
-            return F.conv2d(self.relu(self.norm(x)), self.weight[:, :, None, None], self.bias)
+            y = F.conv2d(self.relu(self.norm(x)), self.weight[:, :, None, None], self.bias)
+            return torch.relu_(y) if self.output_relu else y
         n, _, h, w = x.shape
         g, d_out, k = self.weight.shape
         # Select the surviving inputs channel-major, (G·k, N, H·W), so that each group is one GEMM over the whole batch;
@@ -283,7 +286,13 @@ class CondensedGroupConv(nn.Module):
         x = self.relu(self.norm(x.view(1, g * k, n, h * w)))
         y = torch.baddbmm(self.bias.view(d_out, g).t().unsqueeze(-1), self.weight, x.view(g, k, n * h * w))
         # (G, d_out, N, H·W) group-major -> (N, d_out, G, H·W): output r·G + i is output r of group i
-        return y.view(g, d_out, n, h * w).permute(2, 1, 0, 3).reshape(n, self.out_channels, h, w)
+        shuffled = y.view(g, d_out, n, h * w).permute(2, 1, 0, 3)
+        if self.output_relu and not torch.is_grad_enabled():  # shuffle and the following ReLU in one pass (out= has
+            out = y.new_empty(n, d_out, g, h * w)  # no autograd: inference only, as the deploy model is meant for)
+            torch.clamp_min(shuffled, 0.0, out=out)
+            return out.view(n, self.out_channels, h, w)
+        y = shuffled.reshape(n, self.out_channels, h, w)
+        return torch.relu(y) if self.output_relu else y
 
     def extra_repr(self) -> str:
         return (
@@ -350,9 +359,9 @@ def convert(model: nn.Module) -> nn.Module:
                 setattr(parent, child, CondensedGroupConv.from_learned(module))
             except ValueError as err:
                 raise ValueError(f"convert: layer {name!r}: {err}") from None
-    # Modules that know what follows their condensed layer fold it in (CondenseNet's DenseLayer: the 3×3 branch's
-    # batch norm goes into the 1×1's weights and bias).
-    for module in deploy.modules():
+    # Modules that know their deploy form fuse it (CondenseNet's DenseLayer: the 3×3 branch's batch norm goes into the
+    # 1×1's weights and bias; CondenseNet: dense blocks write into one buffer instead of concatenating per layer).
+    for module in list(deploy.modules()):
         fuse = getattr(module, "fuse_for_deploy", None)
         if callable(fuse):
             fuse()

@@ -61,6 +61,34 @@ class DenseLayer(nn.Module):
         if isinstance(self.conv_1, CondensedGroupConv) and isinstance(self.conv_2[0], nn.BatchNorm2d):
             self.conv_1.fold_output_norm(self.conv_2[0])
             self.conv_2[0] = nn.Identity()
+            if isinstance(self.conv_2[1], nn.ReLU):
+                self.conv_1.output_relu = True  # fused into the 1×1's channel shuffle
+                self.conv_2[1] = nn.Identity()
+
+
+class DeployDenseBlock(nn.Module):
+    """Deploy form of consecutive dense layers: (N, in_channels, H, W) -> (N, in_channels + Σ growth, H, W).
+
+    The training form concatenates at every layer, copying the whole growing feature map each time (quadratic in the
+    block's depth); here every layer writes its new channels into one buffer allocated per block and reads the
+    channels so far as a view of it. Same outputs, one copy of the block's input instead of one per layer.
+    """
+
+    def __init__(self, layers: Sequence[DenseLayer], *, in_channels: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.in_channels = in_channels
+        self.out_channels = in_channels + sum(int(layer.conv_2[-1].out_channels) for layer in layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out = x.new_empty(n, self.out_channels, h, w)
+        out[:, :c] = x
+        for layer in self.layers:  # TorchScript iterates a ModuleList only on its own
+            new = layer.conv_2(layer.conv_1(out[:, :c]))
+            out[:, c : c + new.shape[1]] = new
+            c += new.shape[1]
+        return out
 
 
 class CondenseNet(nn.Module):
@@ -162,6 +190,26 @@ class CondenseNet(nn.Module):
 
     def get_classifier(self) -> nn.Linear:
         return self.classifier
+
+    def fuse_for_deploy(self) -> None:
+        """Called by ``convert`` on the deploy copy: runs of dense layers become ``DeployDenseBlock``s (no per-layer
+        concatenation)."""
+        modules: list[nn.Module] = []
+        run: list[DenseLayer] = []
+        channels = int(self.stem.out_channels)
+        for module in [*self.blocks, None]:
+            if isinstance(module, DenseLayer):
+                if not run:
+                    start = channels
+                run.append(module)
+                channels += int(module.conv_2[-1].out_channels)
+                continue
+            if run:
+                modules.append(DeployDenseBlock(run, in_channels=start))
+                run = []
+            if module is not None:
+                modules.append(module)
+        self.blocks = nn.Sequential(*modules)
 
     def apply_condensation(self, progress: float) -> int:
         """Apply the condensing stages due at ``progress`` (fraction of training done, in [0, 1])."""
