@@ -227,8 +227,10 @@ def build_tuner(cfg: TuneJobConfig, *, mlflow_uri: str, parent_run_id: str, max_
     s = cfg.search
     scheduler = None
     if s.mode == "asha":
-        scheduler = ASHAScheduler(time_attr="reid_epoch", max_t=cfg.reid.optim.epochs, grace_period=s.grace_period,
-                                  reduction_factor=s.reduction_factor)  # fmt: skip
+        # max_t one past the last epoch: ASHA stops every trial that reaches max_t, and a trial that survived every
+        # rung must still run its final evaluation and registration after its last validation
+        scheduler = ASHAScheduler(time_attr="reid_epoch", max_t=cfg.reid.optim.epochs + 1,
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)  # fmt: skip
     return tune.Tuner(
         trainable,
         param_space=param_space(s),
