@@ -108,7 +108,7 @@ def spec_from_args(args: argparse.Namespace) -> SynthesisSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     load_env_defaults()
     spec = spec_from_args(args)
     try:
