@@ -55,9 +55,11 @@ def services_stack(tmp_path_factory, s3_server):
     stack.down()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_process_group():
-    """A one-process gloo group on 127.0.0.1, as DeepSpeed engines need (destroyed after the test module)."""
+    """A one-process gloo group on 127.0.0.1, as DeepSpeed engines need. One per session, destroyed at its end:
+    DeepSpeed keeps its communication backend in a module global that a second ``init_distributed`` after
+    ``destroy_process_group`` would reuse stale."""
     import torch.distributed as dist
 
     from reid_core.stack import free_port
