@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -224,13 +225,19 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
     assert final["epoch"] == epochs - 1 and final["world_size"] == 1 and final["zero_stages"]["generator"] == 1
     assert any(m["world_size"] == 2 for m in metas)
 
-    # MLflow: one run, its loss history continuous over every epoch (the epoch logged before the loss but not yet
-    # checkpointed is trained again: at most one step has two points), the generator registered.
+    # MLflow: one run, its loss history continuous over every epoch, the generator registered. The epochs logged after
+    # the checkpoint the job resumed from are trained again and have a second point (Ray Train V2 registers a reported
+    # checkpoint asynchronously, so that can be more than one epoch); the epochs up to it have exactly one.
     client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     version = client.get_model_version_by_alias(model_name, "candidate")
     history = client.get_metric_history(version.run_id, "loss_d")
     assert sorted({m.step for m in history}) == list(range(epochs))
-    assert len(history) - epochs <= 1, sorted((m.step, m.value) for m in history)
+    points = Counter(m.step for m in history)
+    retrained = sorted(step for step, n in points.items() if n > 1)
+    assert max(points.values()) <= 2 and all(step > min(resumed) for step in retrained), (
+        resumed,
+        sorted(points.items()),
+    )
     assert all(m.value > 0 for m in history)
     assert client.get_run(version.run_id).info.status == "FINISHED"
     assert version.tags["epochs"] == str(epochs)

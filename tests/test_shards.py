@@ -249,7 +249,7 @@ def test_train_gan_job_trains_from_a_pack(s3_server, services_stack):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "=== train_gan summary ===" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
-    client = MlflowClient(tracking_uri=services_stack.mlflow_uri)
+    client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
     version = client.get_model_version_by_alias(f"gen-pack-{tag}", "candidate")
     run = client.get_run(version.run_id)
     assert run.data.params["data.uri"] == out
