@@ -175,13 +175,15 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
             final = {k: float(m[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
             tracking.log_metrics(mlflow_uri, run_id, final, step=reid_cfg.optim.epochs)
             done["reid.version"], done["reid.run_id"] = out["final"]["version"], out["run_id"]
-            tracking.set_run_tags(mlflow_uri, run_id, {"reid.version": done["reid.version"],
-                                                       "reid.model": reid_cfg.tracking.registered_model,
-                                                       "reid.run_id": out["run_id"]})  # fmt: skip
+            # The version's tags first: the trial's "reid.version" tag marks the stage as done for a restarted trial,
+            # so nothing of the stage may come after it (a driver killed in between would leave the version untagged).
             tracking.set_model_version_tags(mlflow_uri, reid_cfg.tracking.registered_model, done["reid.version"],
                                             {"lambda1": lam1, "lambda2": lam2, "guidance.mode": mode,
                                              "generator": done["generator.uri"], "tune.search": cfg.search.name,
                                              "tune.trial_id": trial_id})  # fmt: skip
+            tracking.set_run_tags(mlflow_uri, run_id, {"reid.version": done["reid.version"],
+                                                       "reid.model": reid_cfg.tracking.registered_model,
+                                                       "reid.run_id": out["run_id"]})  # fmt: skip
     except BaseException:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
