@@ -56,8 +56,8 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.conv_2(self.conv_1(x))], 1)
 
     def fuse_for_deploy(self) -> None:
-        """Called by ``convert`` on the deploy copy: fold the 3×3 branch's batch norm into the condensed 1×1 layer,
-        which then outputs the normalised features directly (one pass over the feature map less per layer)."""
+        """Called by ``convert`` on the deploy copy: fold the 3×3 branch's batch norm and ReLU into the condensed 1×1
+        layer, which then outputs the activated, normalised features directly (two passes over the map less)."""
         if isinstance(self.conv_1, CondensedGroupConv) and isinstance(self.conv_2[0], nn.BatchNorm2d):
             self.conv_1.fold_output_norm(self.conv_2[0])
             self.conv_2[0] = nn.Identity()
