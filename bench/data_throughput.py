@@ -1,9 +1,9 @@
 """Data throughput from S3: images/s of each way of reading a dataset, all measured in one run against the loopback S3.
 
 The loopback S3 server (moto) answers a small GET in well under a millisecond, so on its own it cannot show what
-requests in flight buy against real S3 (tens of ms per GET). A small reverse proxy in front of it (a separate aiohttp
-process on 127.0.0.1) adds ``--latency-ms`` (default 20) to every request; every source is measured without and with
-it, on the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG):
+requests in flight buy against real S3 (tens of ms per GET). A small reverse proxy in front of it
+(``reid_core.proxy``, its own process on 127.0.0.1) adds ``--latency-ms`` (default 20) to every request; every source
+is measured without and with it, on the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG):
 
   sequential   one ``storage.read_bytes`` per image, one after the other (what a naive Dataset does)
   concurrent   ``storage.read_many``: per-object GETs, up to 64 in flight (s3fs async)
@@ -34,58 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
-              "proxy-authorization", "proxy-authenticate"}  # fmt: skip
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reid_demo.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ latency proxy
-def serve_proxy(upstream: str, port: int, latency_ms: float) -> None:
-    """Forward every request to ``upstream`` after ``latency_ms`` (asyncio: concurrent requests wait concurrently,
-    as network latency does)."""
-    import asyncio
-
-    import aiohttp
-    from aiohttp import web
-    from yarl import URL
-
-    async def start(app: web.Application) -> None:
-        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
-
-    async def stop(app: web.Application) -> None:
-        await app["session"].close()
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(latency_ms / 1000)
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = URL(upstream + request.raw_path, encoded=True)
-        async with request.app["session"].request(request.method, url, headers=headers, data=body,
-                                                  allow_redirects=False) as up:  # fmt: skip
-            data = await up.read()
-            response = web.StreamResponse(status=up.status)
-            for key, value in up.headers.items():
-                if key.lower() not in HOP_BY_HOP - {"content-length"}:
-                    response.headers[key] = value
-            await response.prepare(request)
-            if data and request.method != "HEAD":
-                await response.write(data)
-            await response.write_eof()
-            return response
-
-    app = web.Application(client_max_size=1 << 30)
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
-    app.router.add_route("*", "/{tail:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
 def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
     from reid_core.stack import free_port
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve-proxy", "--upstream", upstream, "--port", str(port),
+        [sys.executable, "-m", "reid_core.proxy", "--upstream", upstream, "--port", str(port),
          "--latency-ms", str(latency_ms)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -185,13 +143,7 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="rounds; the best of each is kept (default 3, 1 quick)"
     )
-    parser.add_argument("--serve-proxy", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--upstream", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_proxy:
-        serve_proxy(args.upstream, args.port, args.latency_ms)
-        return 0
     if args.latency_ms < 0:
         print(f"error: --latency-ms {args.latency_ms} must be >= 0", file=sys.stderr)
         return 2

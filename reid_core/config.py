@@ -112,6 +112,13 @@ class TrackingConfig:
     registered_model: str = "reid-dcgan-generator"
     alias: str | None = "candidate"  # set on the registered version; null = none (a λ search aliases its best)
     num_samples: int = 64  # fixed-noise samples in the per-epoch grid
+    # Rank 0 logs each epoch in the background and keeps what MLflow did not take (server down) to retry; at the end
+    # of training it waits this long for the backlog before saying, epoch by epoch, what was not logged.
+    flush_seconds: float = 120.0
+
+    def validate(self) -> None:
+        if self.flush_seconds < 0:
+            raise ConfigError(f"tracking.flush_seconds: expected ≥ 0, got {self.flush_seconds}")
 
 
 @dataclass
@@ -120,6 +127,13 @@ class StorageConfig:
 
     endpoint_url: str | None = None
     region: str | None = None
+    # Mid-run, S3 reads retry a transient failure (endpoint down, connection cut, throttling, 5xx) for this long
+    # before the worker fails (then Ray Train restarts it from the last checkpoint, up to run.max_failures).
+    outage_seconds: float = 120.0
+
+    def validate(self) -> None:
+        if self.outage_seconds < 0:
+            raise ConfigError(f"storage.outage_seconds: expected ≥ 0, got {self.outage_seconds}")
 
 
 @dataclass
@@ -138,6 +152,8 @@ class GanJobConfig:
         check_choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
         check_choice("guidance.mode", self.guidance.mode, GUIDANCE_MODES)
         self.scaling.validate()
+        self.storage.validate()
+        self.tracking.validate()
         check_unit_interval("guidance.lambda1", self.guidance.lambda1)
         check_unit_interval("guidance.lambda2", self.guidance.lambda2)
         check_positive("optim.batch_size", self.optim.batch_size)
@@ -413,6 +429,8 @@ class ReidJobConfig:
         check_choice("optim.schedule", self.optim.schedule, REID_SCHEDULES)
         check_choice("eval.metric", self.eval.metric, EVAL_METRICS)
         self.scaling.validate()
+        self.storage.validate()
+        self.tracking.validate()
         if not self.data.uri:
             raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
         for key, value in (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,15 @@ STACK_ENV_FILE = Path(".stack") / "env"
 
 
 class StorageError(RuntimeError):
-    """A storage location is unreachable, missing or refused; the message names the endpoint and bucket."""
+    """A storage location is unreachable, missing or refused; the message names the endpoint and bucket.
+
+    ``transient``: the endpoint did not answer, cut the connection, throttled or failed with a 5xx; such errors are
+    retried within the outage budget (``set_outage_budget``), the others (access denied, missing bucket) never.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class RangeNotSatisfiableError(StorageError):
@@ -85,6 +94,15 @@ def resolve_settings(endpoint_url: str | None = None, region: str | None = None)
         key=_env("AWS_ACCESS_KEY_ID", stack_env),
         secret=_env("AWS_SECRET_ACCESS_KEY", stack_env),
     )
+
+
+def use_endpoint(endpoint_url: str | None, region: str | None = None) -> None:
+    """Make a job's ``storage.endpoint_url`` / ``storage.region`` (when set) this process's S3 endpoint and region for
+    every later ``resolve_settings()``, through the standard variables, which the process's children inherit."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if region:
+        os.environ["AWS_DEFAULT_REGION"] = region
 
 
 def is_s3(url: str) -> bool:
@@ -160,7 +178,81 @@ def _wrap(exc: Exception, url: str, settings: S3Settings | None) -> StorageError
     bucket, _ = split_s3(url)
     settings = settings or resolve_settings()
     reason = _describe_s3_error(exc)
-    return StorageError(f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})")
+    return StorageError(
+        f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})", transient=_is_transient(exc, reason)
+    )
+
+
+_TRANSIENT = ("slowdown", "serviceunavailable", "internalerror", "503", "500 ", "502", "504", "timeout", "timed out",
+              "connection reset", "connectionreset", "serverdisconnected", "clientoserror", "incompleteread",
+              "responsestreamingerror", "payloaderror")  # fmt: skip
+
+
+def _is_transient(exc: BaseException, reason: str) -> bool:
+    """Worth retrying later: the endpoint was unreachable, cut the connection, throttled or failed on its side."""
+    if reason in ("endpoint is unreachable", "endpoint closed the connection on every attempt"):
+        return True
+    if isinstance(exc, PermissionError | FileNotFoundError):
+        return False
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(s in text for s in _TRANSIENT)
+
+
+# ------------------------------------------------------------------------------------------------ outage budget
+OUTAGE_ENV = "REID_S3_OUTAGE_SECONDS"
+
+
+def set_outage_budget(seconds: float) -> None:
+    """Let this process's S3 reads ride out an outage of up to ``seconds`` (the jobs' ``storage.outage_seconds``).
+
+    botocore retries each request a few times within seconds (standard mode, ``S3Settings.max_attempts``), which is
+    right before a job starts (fail fast, in one line) but not mid-run, where S3 restarting or throttling for a minute
+    must not cost a worker restart. Within the budget a transient failure (``StorageError.transient``) is retried with
+    back-off, each retry a warning naming the endpoint; past it the error says how long it waited. The value travels
+    in the environment so that DataLoader worker processes started later inherit it. 0 (the default): no budget.
+    """
+    if seconds < 0:
+        raise ValueError(f"outage budget must be >= 0 seconds, got {seconds}")
+    os.environ[OUTAGE_ENV] = f"{float(seconds):g}"
+
+
+def outage_budget() -> float:
+    """Seconds this process's S3 reads wait out an outage (``set_outage_budget``); 0 when unset."""
+    try:
+        return max(0.0, float(os.environ.get(OUTAGE_ENV, "0")))
+    except ValueError:
+        return 0.0
+
+
+def _within_outage_budget(call, what: str):
+    """``call()``, retried on transient ``StorageError`` until ``outage_budget()`` seconds have passed."""
+    budget = outage_budget()
+    started = None
+    attempt = 0
+    while True:
+        try:
+            result = call()
+        except StorageError as exc:
+            if not exc.transient or budget <= 0:
+                raise
+            now = time.monotonic()
+            started = now if started is None else started
+            waited = now - started
+            if waited >= budget:
+                raise StorageError(
+                    f"{exc}; still failing after {waited:.0f} s of retries (outage budget storage.outage_seconds = "
+                    f"{budget:g} s)",
+                    transient=True,
+                ) from exc
+            delay = min(0.5 * 2**attempt, 10.0, budget - waited)
+            log.warning("%s; retrying %s in %.1f s (%.0f s of the outage budget left)", exc, what, delay,
+                        budget - waited)  # fmt: skip
+            time.sleep(delay)
+            attempt += 1
+            continue
+        if started is not None:
+            log.warning("S3 answers again after %.1f s: %s succeeded", time.monotonic() - started, what)
+        return result
 
 
 _DENIED = (
@@ -193,6 +285,11 @@ def _describe_s3_error(exc: BaseException) -> str:
 
 
 def read_bytes(url: str, settings: S3Settings | None = None) -> bytes:
+    """The bytes of one object (``FileNotFoundError`` if missing; S3 failures: ``StorageError``)."""
+    return _within_outage_budget(lambda: _read_bytes(url, settings), f"reading {url}")
+
+
+def _read_bytes(url: str, settings: S3Settings | None) -> bytes:
     fs, path = filesystem(url, settings)
     try:
         return fs.cat_file(path)
@@ -236,6 +333,11 @@ def read_many(urls: Iterable[str], settings: S3Settings | None = None, batch_siz
     Returns {url: bytes}. A missing object raises ``FileNotFoundError`` naming it; nothing is dropped silently.
     """
     urls = list(urls)
+    what = f"reading {len(urls)} objects ({urls[0]}{', ...' if len(urls) > 1 else ''})" if urls else "reading"
+    return _within_outage_budget(lambda: _read_many(urls, settings, batch_size), what)
+
+
+def _read_many(urls: list[str], settings: S3Settings | None, batch_size: int) -> dict[str, bytes]:
     if not urls:
         return {}
     fs, _ = filesystem(urls[0], settings)
@@ -263,6 +365,11 @@ def read_ranges(
 
     A range past the end of the object comes back short: callers that know the size must check it.
     """
+    what = f"reading {len(requests)} byte ranges ({requests[0][0]}, ...)" if requests else "reading"
+    return _within_outage_budget(lambda: _read_ranges(requests, settings, batch_size), what)
+
+
+def _read_ranges(requests: list[tuple[str, int, int]], settings: S3Settings | None, batch_size: int) -> list[bytes]:
     if not requests:
         return []
     fs, _ = filesystem(requests[0][0], settings)
@@ -289,6 +396,10 @@ def read_ranges(
 
 def object_info(url: str, settings: S3Settings | None = None) -> dict[str, int | str | None]:
     """``{"size": bytes, "etag": S3 ETag (None for local files)}`` of one object, fresh (no listing cache)."""
+    return _within_outage_budget(lambda: _object_info(url, settings), f"reading the size of {url}")
+
+
+def _object_info(url: str, settings: S3Settings | None) -> dict[str, int | str | None]:
     fs, path = filesystem(url, settings)
     try:
         info = fs.info(path, refresh=True) if is_s3(url) else fs.info(path)
@@ -300,6 +411,10 @@ def object_info(url: str, settings: S3Settings | None = None) -> dict[str, int |
 
 
 def exists(url: str, settings: S3Settings | None = None) -> bool:
+    return _within_outage_budget(lambda: _exists(url, settings), f"checking {url}")
+
+
+def _exists(url: str, settings: S3Settings | None) -> bool:
     fs, path = filesystem(url, settings)
     try:
         return fs.exists(path)
@@ -309,6 +424,10 @@ def exists(url: str, settings: S3Settings | None = None) -> bool:
 
 def list_files(url: str, settings: S3Settings | None = None) -> list[str]:
     """All files below ``url`` (recursive), as URLs of the same kind, sorted."""
+    return _within_outage_budget(lambda: _list_files(url, settings), f"listing {url}")
+
+
+def _list_files(url: str, settings: S3Settings | None) -> list[str]:
     fs, path = filesystem(url, settings)
     try:
         found = fs.find(path)

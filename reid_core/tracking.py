@@ -102,12 +102,17 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(
+    uri: str, run_id: str, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None
+) -> None:
+    """One batch of metrics at ``step``, stamped ``timestamp_ms`` (default: now)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    stamp = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
     c = client(uri)
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):  # MLflow's batch limit
+        c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
 def log_png(uri: str, run_id: str, image, artifact_file: str) -> None:
@@ -119,6 +124,114 @@ def log_png(uri: str, run_id: str, image, artifact_file: str) -> None:
         image.save(path, format="PNG")
         parent = str(Path(artifact_file).parent)
         log_artifact_file(uri, run_id, path, artifact_path=None if parent == "." else parent)
+
+
+def quick_retries() -> None:
+    """Cut MLflow's per-request retries to 1 in this process (unless set explicitly): for a process whose logging goes
+    through ``EpochLogger``, which retries by itself and must notice quickly that the server is gone or back."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "1")
+
+
+class EpochLogger:
+    """Rank 0's per-epoch MLflow logging: off the training thread, and it outlives the tracking server going away.
+
+    ``log(epoch, metrics, pictures)`` returns at once; a background thread sends each epoch in order (one metrics
+    batch stamped with the time the epoch ended, then each picture as a PNG artifact). When MLflow does not answer,
+    the unsent part stays queued in memory and is retried with back-off (up to ``retry_cap`` s between attempts)
+    while training goes on. The first failure of an outage is a warning naming the server and what waits; the
+    recovery an info line naming what was sent late. ``close(timeout)`` waits for the backlog; whatever is still
+    queued then is logged as a warning, epoch by epoch and with the metric values, so nothing is lost silently.
+
+    Each attempt is one MLflow client call, with MLflow's own per-request retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    7 by default: minutes of back-off); the training loops cut those to 1 in rank 0's process (``quick_retries``),
+    since this logger retries by itself. The backlog lives in the worker's memory: a worker killed during an MLflow outage loses it (its warnings name the
+    epochs; they are trained and logged again after the restart only if they come after the checkpoint resumed from).
+    """
+
+    def __init__(self, uri: str, run_id: str, *, retry_cap: float = 15.0) -> None:
+        import collections
+        import threading
+
+        self.uri, self.run_id, self.retry_cap = uri, run_id, retry_cap
+        self._tasks: collections.deque = collections.deque()  # (epoch, kind, payload, timestamp_ms)
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-epoch-logger", daemon=True)
+        self._thread.start()
+
+    def log(self, epoch: int, metrics: dict[str, float], pictures: dict | None = None) -> None:
+        """Queue the epoch's ``metrics`` and ``pictures`` ({artifact file: PIL image}); returns immediately."""
+        stamp = int(time.time() * 1000)
+        with self._cond:
+            self._tasks.append((epoch, "metrics", dict(metrics), stamp))
+            for artifact_file, image in (pictures or {}).items():
+                self._tasks.append((epoch, "picture", (artifact_file, image), stamp))
+            self._cond.notify_all()
+
+    def pending_epochs(self) -> list[int]:
+        with self._cond:
+            return sorted({task[0] for task in self._tasks})
+
+    def close(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` s for the backlog; returns the epochs (some of) whose data was not logged."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._tasks or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            self._closing = True
+            left = list(self._tasks)
+            self._tasks.clear()
+            self._cond.notify_all()
+        for epoch, kind, payload, _ in left:
+            what = f"metrics {payload}" if kind == "metrics" else f"picture {payload[0]}"
+            log.warning("MLflow at %s did not come back within %.0f s: epoch %d %s NOT logged to run %s", self.uri,
+                        timeout, epoch, what, self.run_id)  # fmt: skip
+        return sorted({task[0] for task in left})
+
+    def _send(self, kind: str, epoch: int, payload, stamp: int) -> None:
+        if kind == "metrics":
+            log_metrics(self.uri, self.run_id, payload, step=epoch, timestamp_ms=stamp)
+        else:
+            artifact_file, image = payload
+            log_png(self.uri, self.run_id, image, artifact_file)
+
+    def _run(self) -> None:
+        failing_since = None
+        delay = 0.5
+        while True:
+            with self._cond:
+                while not self._tasks and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                epoch, kind, payload, stamp = self._tasks[0]
+                self._busy = True
+            try:
+                self._send(kind, epoch, payload, stamp)
+            except Exception as exc:  # noqa: BLE001 - kept and retried; reported below
+                with self._cond:
+                    self._busy = False
+                    waiting = sorted({task[0] for task in self._tasks})
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("MLflow at %s is not answering (%s: %s): epoch(s) %s kept in memory and retried "
+                                    "while training goes on", self.uri, type(exc).__name__, str(exc)[:300], waiting)  # fmt: skip
+                    self._cond.wait(timeout=delay)  # close() wakes it
+                delay = min(delay * 2, self.retry_cap)
+                continue
+            with self._cond:
+                self._tasks.popleft()
+                self._busy = False
+                if failing_since is not None:
+                    kept = sorted({epoch} | {task[0] for task in self._tasks})
+                    log.info("MLflow at %s answers again after %.0f s: logging the kept epoch(s) %s", self.uri,
+                             time.monotonic() - failing_since, kept)  # fmt: skip
+                    failing_since = None
+                self._cond.notify_all()
+            delay = 0.5
 
 
 def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:

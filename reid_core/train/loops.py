@@ -3,7 +3,7 @@
 Each loop rebuilds its typed config from the plain dict Ray hands it, opens its shard of the data through
 ``reid_core.storage``, builds DeepSpeed engines, resumes from ``ray.train.get_checkpoint()``, runs pure steps from
 ``steps.py``, and at the end of every epoch has every rank save its checkpoint shard and call ``ray.train.report``.
-Only rank 0 logs to MLflow.
+Only rank 0 logs to MLflow, in the background (``tracking.EpochLogger``: MLflow being down does not stop training).
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def train_gan_loop(loop_config: dict) -> None:
 
     cfg = from_dict(GanJobConfig, loop_config["job"])
     _setup_accelerator(cfg.scaling.use_gpu)
+    _setup_storage(cfg.storage)
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -176,6 +177,7 @@ def train_gan_loop(loop_config: dict) -> None:
 
     fixed_noise = torch.randn(cfg.tracking.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
     step_rng = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + rank)
+    epoch_log = _epoch_logger(mlflow_uri, run_id) if rank == 0 else None
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
@@ -206,9 +208,11 @@ def train_gan_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_engines(tmp, engines, epoch=epoch, rank=rank, world_size=world,
                          extra={"model": {"z_dim": cfg.model.z_dim, "width": cfg.model.width, "image_size": [h, w]}})  # fmt: skip
-            if rank == 0:
-                _log_gan_epoch(mlflow_uri, run_id, metrics, gen.module, fixed_noise, epoch, detector)
+            if epoch_log is not None:
+                _log_gan_epoch(epoch_log, metrics, gen.module, fixed_noise, epoch, detector)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if epoch_log is not None:
+        epoch_log.close(cfg.tracking.flush_seconds)
 
 
 def face_absent_table(records, detector, *, rank: int, world: int, chunk: int = 64) -> torch.Tensor:
@@ -236,21 +240,30 @@ def face_absent_table(records, detector, *, rank: int, world: int, chunk: int = 
 
 
 def _log_gan_epoch(
-    uri: str, run_id: str, metrics: dict, generator, fixed_noise: torch.Tensor, epoch: int, detector
+    epoch_log: tracking.EpochLogger, metrics: dict, generator, fixed_noise: torch.Tensor, epoch: int, detector
 ) -> None:
-    """Rank 0: metrics, the face rate of the fixed-noise samples (share with a detectable face) and their grid
-    (fixed noise, so epochs are comparable).
+    """Rank 0: queue the epoch's metrics, the face rate of the fixed-noise samples (share with a detectable face) and
+    their grid (fixed noise, so epochs are comparable) for MLflow (``tracking.EpochLogger``: MLflow being down does
+    not stop training)."""
+    samples = fixed_noise_samples(generator, fixed_noise)
+    metrics = {**metrics, "face_rate": detector.detect(samples).face_rate}
+    epoch_log.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"},
+                  pictures={f"samples/epoch_{epoch:03d}.png": sample_grid(samples)})  # fmt: skip
 
-    A tracking failure does not stop training (the checkpoint is what matters); it is logged as a warning naming what
-    was not recorded.
-    """
-    try:
-        samples = fixed_noise_samples(generator, fixed_noise)
-        metrics = {**metrics, "face_rate": detector.detect(samples).face_rate}
-        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        tracking.log_png(uri, run_id, sample_grid(samples), f"samples/epoch_{epoch:03d}.png")
-    except Exception as exc:  # noqa: BLE001 - reported, not hidden
-        log.warning("MLflow at %s: epoch %d metrics/samples NOT logged: %s: %s", uri, epoch, type(exc).__name__, exc)
+
+def _epoch_logger(uri: str, run_id: str) -> tracking.EpochLogger:
+    """Rank 0's MLflow logging, in the background; this worker process logs only through it."""
+    tracking.quick_retries()
+    return tracking.EpochLogger(uri, run_id)
+
+
+def _setup_storage(storage_cfg) -> None:
+    """The job's ``storage`` section in this worker: its endpoint and region (when set) for every S3 access of the
+    process, and mid-run reads that ride out an outage of ``outage_seconds``."""
+    from reid_core import storage
+
+    storage.use_endpoint(storage_cfg.endpoint_url, storage_cfg.region)
+    storage.set_outage_budget(storage_cfg.outage_seconds)
 
 
 # ------------------------------------------------------------------------------------------------ re-ID training
@@ -285,6 +298,7 @@ def train_reid_loop(loop_config: dict) -> None:
 
     cfg = from_dict(ReidJobConfig, loop_config["job"])
     _setup_accelerator(cfg.scaling.use_gpu)
+    _setup_storage(cfg.storage)
     import deepspeed
     from torch.utils.data import DataLoader
 
@@ -391,6 +405,7 @@ def train_reid_loop(loop_config: dict) -> None:
     log.info("rank %d: %d real images of %d identities + %d distractors; %d steps/epoch of %d+%d images",
              rank, training.num_real, training.num_classes, training.num_generated, steps, cfg.batch_size, per_batch)  # fmt: skip
 
+    epoch_log = _epoch_logger(mlflow_uri, run_id) if rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         engine.train()
@@ -471,9 +486,11 @@ def train_reid_loop(loop_config: dict) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             save_engines(tmp, {"model": engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
-            if rank == 0:
-                _log_reid_epoch(mlflow_uri, run_id, metrics, epoch)
+            if epoch_log is not None:
+                epoch_log.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if epoch_log is not None:
+        epoch_log.close(cfg.tracking.flush_seconds)
 
 
 def _validation(cfg, splits, dual: bool, device):
@@ -511,11 +528,3 @@ def _validation(cfg, splits, dual: bool, device):
         return out
 
     return validate
-
-
-def _log_reid_epoch(uri: str, run_id: str, metrics: dict, epoch: int) -> None:
-    """Rank 0: the epoch's metrics (a tracking failure is a warning naming what was not recorded, not a stop)."""
-    try:
-        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-    except Exception as exc:  # noqa: BLE001 - reported, not hidden
-        log.warning("MLflow at %s: epoch %d metrics NOT logged: %s: %s", uri, epoch, type(exc).__name__, exc)

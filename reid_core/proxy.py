@@ -1,0 +1,288 @@
+"""A loopback HTTP reverse proxy that adds latency and injects faults in front of a service of the embedded stack.
+
+The fault-injection tests (``tests/test_faults.py``) put one in front of the S3 server and one in front of MLflow and
+hand the proxies' addresses to the job; ``bench/data_throughput.py`` runs one as its own process
+(``python -m reid_core.proxy --upstream URL --port N --latency-ms 20``) to give the loopback S3 a network's latency.
+
+To the client the proxy *is* the service:
+
+- ``outage(seconds)`` makes it disappear: the port refuses connections and every open connection is cut, as when the
+  server process stops; it comes back after ``seconds`` (or at ``restore()``) with everything the server held. This is
+  what a restarted S3 or MLflow with persistent storage looks like to a client (moto keeps its objects in memory, so
+  the real server cannot itself be stopped and restarted with its data);
+- a hook (``add_hook``) sees every request (method, path with query) before it is forwarded and may answer it with an
+  error instead (``Fail(503, "SlowDown")``: S3 throttling), cut its connection (``Cut()``) or start an outage
+  (``Outage(seconds)``) or hold it (``Hold(event)``), so a test can fail "the first checkpoint upload" or stop S3
+  "half-way through an epoch" deterministically, by what the client does rather than by the clock;
+- ``seen`` records every request and what happened to it, for the test's assertions.
+
+It binds 127.0.0.1 only and runs its event loop on a daemon thread of the process that starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
+              "proxy-authorization", "proxy-authenticate"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Answer the request with this HTTP status and an S3-style error body (botocore and pyarrow read the code)."""
+
+    status: int = 503
+    code: str = "SlowDown"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Close the request's connection without an answer (a server that died mid-request)."""
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Start an outage of ``seconds`` (None: until ``restore()``); the request that triggered it is cut too."""
+
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Hold the request until ``release`` is set (at most ``timeout`` s), then forward it: a client stalled
+    mid-epoch, so that a test can act (kill a worker, stop a job) at a known point of the run."""
+
+    release: threading.Event
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the proxy saw it: ``outcome`` is ``forwarded``, ``failed <status>`` or ``cut``."""
+
+    time: float  # time.monotonic()
+    method: str
+    path: str  # path and query, as sent
+    outcome: str
+
+
+Hook = Callable[[str, str], "Fail | Cut | Outage | Hold | None"]
+
+
+class FaultProxy:
+    """Forwards every HTTP request to ``upstream`` (``http://127.0.0.1:PORT``), after ``latency_ms``; see the module
+    docstring for the faults. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    def __init__(self, upstream: str, *, port: int | None = None, latency_ms: float = 0.0) -> None:
+        from reid_core.stack import free_port
+
+        self.upstream = upstream.rstrip("/")
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.latency_ms = latency_ms
+        self.seen: list[Seen] = []
+        self.outages: list[tuple[float, float | None]] = []  # (start, end) in time.monotonic(); end None while down
+        self._hooks: list[Hook] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner = None
+        self._site = None
+        self._restore_handle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------------------------------------ control
+    def start(self) -> FaultProxy:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._setup())
+            except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"fault-proxy-{self.port}", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError(f"fault proxy on port {self.port} did not start within 30 s")
+        if failure:
+            raise RuntimeError(f"fault proxy on port {self.port} could not start: {failure[0]}") from failure[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def add_hook(self, hook: Hook) -> None:
+        """``hook(method, path)`` runs on the proxy's thread for every request; it returns a fault or None."""
+        with self._lock:
+            self._hooks.append(hook)
+
+    def outage(self, seconds: float | None = None) -> None:
+        """Go down now, for ``seconds`` (None: until ``restore()``)."""
+        self._call(self._go_down, seconds)
+
+    def restore(self) -> None:
+        """Come back now (no-op when up)."""
+        self._call(self._come_back)
+
+    @property
+    def is_down(self) -> bool:
+        return bool(self.outages) and self.outages[-1][1] is None
+
+    def count(self, method: str | None = None, contains: str = "", outcome: str | None = None) -> int:
+        """Requests seen with this method (None: any), a path containing ``contains``, and this outcome (None: any)."""
+        with self._lock:
+            return sum(
+                1
+                for s in self.seen
+                if (method is None or s.method == method)
+                and contains in s.path
+                and (outcome is None or s.outcome == outcome)
+            )
+
+    def _call(self, fn, *args) -> None:
+        if self._loop is None:
+            raise RuntimeError("fault proxy is not started")
+        future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+        future.result(timeout=30)
+
+    # ------------------------------------------------------------------------------------------------ server
+    async def _setup(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, timeout=aiohttp.ClientTimeout(total=600)
+        )
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await self._listen()
+
+    async def _cleanup(self) -> None:
+        await self._session.close()
+        await self._runner.cleanup()
+
+    async def _listen(self) -> None:
+        from aiohttp import web
+
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+
+    async def _go_down(self, seconds: float | None) -> None:
+        if self._restore_handle is not None:
+            self._restore_handle.cancel()
+            self._restore_handle = None
+        if not self.is_down:
+            await self._site.stop()  # the port refuses new connections
+            for handler in list(self._runner.server.connections):  # and the open ones are cut
+                if handler.transport is not None:
+                    handler.transport.abort()
+            with self._lock:
+                self.outages.append((time.monotonic(), None))
+        if seconds is not None:
+            loop = asyncio.get_running_loop()
+            self._restore_handle = loop.call_later(seconds, lambda: loop.create_task(self._come_back()))
+
+    async def _come_back(self) -> None:
+        if self._restore_handle is not None:
+            self._restore_handle.cancel()
+            self._restore_handle = None
+        if self.is_down:
+            await self._listen()
+            with self._lock:
+                self.outages[-1] = (self.outages[-1][0], time.monotonic())
+
+    def _record(self, method: str, path: str, outcome: str) -> None:
+        with self._lock:
+            self.seen.append(Seen(time.monotonic(), method, path, outcome))
+
+    async def _forward(self, request):
+        from aiohttp import web
+        from yarl import URL
+
+        method, path = request.method, request.raw_path
+        with self._lock:
+            hooks = list(self._hooks)
+        fault = None
+        for hook in hooks:
+            fault = hook(method, path)
+            if fault is not None:
+                break
+        if self.is_down or isinstance(fault, Cut | Outage):
+            self._record(method, path, "cut")
+            if isinstance(fault, Outage):
+                await self._go_down(fault.seconds)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError  # aiohttp drops the (already aborted) connection
+        if isinstance(fault, Fail):
+            self._record(method, path, f"failed {fault.status}")
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f"<Error><Code>{fault.code}</Code><Message>injected by reid_core.proxy</Message>"
+                "<RequestId>fault-proxy</RequestId></Error>"
+            )
+            return web.Response(status=fault.status, body=body.encode(), content_type="application/xml")
+
+        if isinstance(fault, Hold):
+            await asyncio.get_running_loop().run_in_executor(None, fault.release.wait, fault.timeout)
+        if self.latency_ms:
+            await asyncio.sleep(self.latency_ms / 1000)
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        url = URL(self.upstream + path, encoded=True)
+        async with self._session.request(method, url, headers=headers, data=body, allow_redirects=False) as up:
+            data = await up.read()
+            response = web.StreamResponse(status=up.status)
+            for key, value in up.headers.items():
+                if key.lower() not in HOP_BY_HOP - {"content-length"}:
+                    response.headers[key] = value
+            await response.prepare(request)
+            if data and method != "HEAD":
+                await response.write(data)
+            await response.write_eof()
+        self._record(method, path, "forwarded")
+        return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Loopback HTTP reverse proxy with added latency (benchmarks).")
+    parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the service")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
+    args = parser.parse_args(argv)
+    proxy = FaultProxy(args.upstream, port=args.port, latency_ms=args.latency_ms).start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

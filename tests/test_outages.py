@@ -1,0 +1,164 @@
+"""Outages of S3 and MLflow, one piece at a time: ``storage``'s outage budget and ``tracking.EpochLogger`` against the
+real loopback S3 and MLflow servers, made to disappear by ``reid_core.proxy`` (the end-to-end versions, through a
+training job, are in ``test_faults.py``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from reid_core import storage, tracking
+from reid_core.proxy import Fail, FaultProxy
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def budget(monkeypatch):
+    """Set this process's outage budget for one test (the variable is restored afterwards)."""
+
+    def set_budget(seconds: float) -> None:
+        monkeypatch.setenv(storage.OUTAGE_ENV, "0")
+        storage.set_outage_budget(seconds)
+
+    return set_budget
+
+
+def _objects(s3_url, n=12):
+    files = {f"{s3_url}/img/{i:03d}.jpg": bytes([i]) * 100 for i in range(n)}
+    storage.write_many(files)
+    return files
+
+
+def _via(proxy, max_attempts=1):
+    # max_attempts=1: each call fails within a second against a dead endpoint, so the budget is what is measured.
+    return storage.S3Settings(endpoint_url=proxy.url, key="testing", secret="testing", max_attempts=max_attempts)
+
+
+def test_reads_ride_out_an_outage_shorter_than_the_budget(s3_url, s3_proxy, budget, caplog):
+    files = _objects(s3_url)
+    budget(30)
+    s3_proxy.outage(3.0)  # stopped now, back in 3 s with everything it held
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="reid_core.storage"):
+        got = storage.read_many(list(files), _via(s3_proxy))
+    assert got == files  # every object, none skipped
+    assert time.monotonic() - t0 >= 2.5
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and all(s3_proxy.url in m and "outage budget" in m for m in retries)
+    assert any("S3 answers again" in r.getMessage() for r in caplog.records)
+
+
+def test_an_outage_longer_than_the_budget_fails_naming_the_endpoint(s3_url, s3_proxy, budget):
+    files = _objects(s3_url, 3)
+    budget(2)
+    s3_proxy.outage(None)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError) as err:
+        storage.read_many(list(files), _via(s3_proxy))
+    message = str(err.value)
+    assert f"endpoint {s3_proxy.url}" in message and "unreachable" in message
+    assert "outage budget storage.outage_seconds = 2 s" in message
+    assert 2 <= time.monotonic() - t0 < 30
+    s3_proxy.restore()
+    assert storage.read_many(list(files), _via(s3_proxy)) == files  # the data survived the outage
+
+
+def test_without_a_budget_an_outage_fails_at_once(s3_url, s3_proxy, budget):
+    """Before a job starts (no budget) a dead endpoint is named after botocore's own few attempts, not waited for."""
+    files = _objects(s3_url, 2)
+    budget(0)
+    s3_proxy.outage(None)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match="unreachable"):
+        storage.read_many(list(files), _via(s3_proxy))
+    assert time.monotonic() - t0 < 15
+
+
+def test_errors_that_are_not_outages_are_not_retried(s3_env, budget):
+    budget(60)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match="bucket does not exist") as err:
+        storage.read_many(["s3://no-such-bucket/a.jpg"])
+    assert not err.value.transient
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_throttled_read_is_retried(s3_url, s3_proxy):
+    files = _objects(s3_url, 4)
+    target = next(iter(files)).split("/", 3)[3]  # the key
+    # The first request for that object, whatever it is (s3fs sends a HEAD before the GET), is throttled.
+    s3_proxy.add_hook(lambda method, path: Fail(503, "SlowDown") if path.endswith(target) and
+                      s3_proxy.count(contains=target) == 0 else None)  # fmt: skip
+    got = storage.read_many(list(files), _via(s3_proxy, max_attempts=3))
+    assert got == files
+    assert s3_proxy.count(contains=target, outcome="failed 503") == 1
+    assert s3_proxy.count("GET", target, outcome="forwarded") == 1
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+@pytest.fixture(autouse=True)
+def quick_mlflow_retries(monkeypatch):
+    """As in a training worker (``tracking.quick_retries``), for this test only."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+
+
+def _run(uri: str) -> str:
+    return tracking.start_run(uri, "outages", f"logger-{time.time_ns()}", {"p": 1})
+
+
+def test_epoch_logger_keeps_epochs_while_mlflow_is_down_and_logs_them_after(services_stack, caplog):
+    from PIL import Image
+
+    uri = services_stack.mlflow_uri
+    with FaultProxy(uri) as proxy:
+        run_id = _run(uri)
+        with caplog.at_level(logging.INFO, logger="reid_core.tracking"):
+            logger = tracking.EpochLogger(proxy.url, run_id, retry_cap=1.0)
+            logger.log(0, {"loss": 1.0})
+            deadline = time.monotonic() + 30
+            while logger.pending_epochs() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            proxy.outage(None)  # MLflow stops
+            stamps = []
+            for epoch in (1, 2, 3):
+                stamps.append(time.time())
+                logger.log(epoch, {"loss": 1.0 / (epoch + 1)}, pictures={f"s/e{epoch}.png": Image.new("RGB", (4, 4))})
+                time.sleep(0.3)
+            time.sleep(1.5)
+            assert logger.pending_epochs() == [1, 2, 3]  # kept, training went on (log() returned at once)
+            proxy.restore()  # MLflow is back
+            assert logger.close(timeout=60) == []
+    client = tracking.client(uri)
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1, 2, 3]  # every epoch once
+    assert [m.value for m in history] == [1.0, 0.5, 1 / 3, 0.25]
+    # Stamped when the epoch ended, not when MLflow came back.
+    for m, t in zip(history[1:], stamps, strict=True):
+        assert abs(m.timestamp / 1000 - t) < 1.0
+    assert sorted(a.path for a in client.list_artifacts(run_id, "s")) == ["s/e1.png", "s/e2.png", "s/e3.png"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(proxy.url in m and "not answering" in m and "epoch(s) [1" in m for m in messages), messages
+    assert any("answers again" in m and "[1, 2, 3]" in m for m in messages), messages
+
+
+def test_epoch_logger_says_what_was_not_logged_when_mlflow_stays_down(services_stack, caplog):
+    uri = services_stack.mlflow_uri
+    with FaultProxy(uri) as proxy:
+        run_id = _run(uri)
+        proxy.outage(None)
+        logger = tracking.EpochLogger(proxy.url, run_id, retry_cap=0.5)
+        logger.log(4, {"loss": 0.125, "accuracy": 0.5})
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="reid_core.tracking"):
+            assert logger.close(timeout=3) == [4]
+        assert time.monotonic() - t0 < 20
+    lost = [r.getMessage() for r in caplog.records if "NOT logged" in r.getMessage()]
+    assert len(lost) == 1 and "epoch 4" in lost[0] and "'loss': 0.125" in lost[0] and run_id in lost[0]
+    assert tracking.client(uri).get_metric_history(run_id, "loss") == []
