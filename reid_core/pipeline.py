@@ -51,16 +51,24 @@ def _train(loop, cfg, mlflow_uri: str, *, params: dict, tags: dict, settings, ca
         log.info("continuing MLflow run %s (run name %r): Ray resumes from its last checkpoint", run_id, cfg.run.name)
     _ensure_ray(cfg.scaling.use_gpu)
     trainer = make_trainer(loop, {"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id},
-                           scaling=cfg.scaling, run=cfg.run, settings=settings, callbacks=callbacks)  # fmt: skip
+                           scaling=cfg.scaling, run=cfg.run, settings=settings,
+                           outage_seconds=cfg.storage.outage_seconds, callbacks=callbacks)  # fmt: skip
     t0 = time.perf_counter()
-    result = _fit(trainer, mlflow_uri, run_id)
+    result = _fit(trainer, mlflow_uri, run_id, cfg.run, settings)
     return run_id, result, time.perf_counter() - t0
 
 
-def _fit(trainer, mlflow_uri: str, run_id: str):
-    """``trainer.fit()``; the run is FAILED when it raises or reports no checkpoint."""
+def _fit(trainer, mlflow_uri: str, run_id: str, run, settings):
+    """``trainer.fit()``; the run is FAILED when it raises or reports no checkpoint. A training failure (workers or
+    Ray Train's controller, after ``run.max_failures`` restarts) becomes a ``PipelineError`` that says, in one line,
+    what failed first and how to resume."""
+    from ray.train import TrainingFailedError
+
     try:
         result = trainer.fit()
+    except TrainingFailedError as exc:
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise PipelineError(training_failure(exc, run, settings)) from exc
     except Exception:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
@@ -68,6 +76,31 @@ def _fit(trainer, mlflow_uri: str, run_id: str):
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise PipelineError("training reported no checkpoint")
     return result
+
+
+def training_failure(exc: Exception, run, settings=None) -> str:
+    """One line for a Ray Train ``TrainingFailedError``: the first failing rank's error (or the controller's), the
+    restart budget it exhausted and where the checkpoints to resume from are. pyarrow's S3 errors (Ray's checkpoint
+    uploads and run state) name host and port only: the endpoint as configured (``settings``) is added."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        rank, error = min(exc.worker_failures.items(), key=lambda item: item[0])
+        where = f"rank {rank}"
+    elif isinstance(exc, ControllerError):
+        error, where = exc.controller_failure, "Ray Train's controller"
+    else:
+        error, where = exc, "training"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    if not message.startswith(type(error).__name__):
+        message = f"{type(error).__name__}: {message}"
+    if "AWS Error" in message and settings is not None:
+        message = f"{message} (S3 endpoint {settings.describe()})"
+    return (
+        f"training failed ({where}, after run.max_failures = {run.max_failures} restarts): {message}. The checkpoints "
+        f"are kept in {run.storage.rstrip('/')}/{run.name}: run the same command (same run.name) to resume"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ GAN

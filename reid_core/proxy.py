@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -176,7 +177,10 @@ class FaultProxy:
         )
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Connections cut on purpose make aiohttp log "Error handling request" tracebacks: not news here.
+        quiet = logging.getLogger(f"{__name__}.server")
+        quiet.setLevel(logging.CRITICAL)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=quiet)
         await self._runner.setup()
         await self._listen()
 
@@ -250,19 +254,23 @@ class FaultProxy:
             await asyncio.get_running_loop().run_in_executor(None, fault.release.wait, fault.timeout)
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = URL(self.upstream + path, encoded=True)
-        async with self._session.request(method, url, headers=headers, data=body, allow_redirects=False) as up:
-            data = await up.read()
-            response = web.StreamResponse(status=up.status)
-            for key, value in up.headers.items():
-                if key.lower() not in HOP_BY_HOP - {"content-length"}:
-                    response.headers[key] = value
-            await response.prepare(request)
-            if data and method != "HEAD":
-                await response.write(data)
-            await response.write_eof()
+        try:
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+            url = URL(self.upstream + path, encoded=True)
+            async with self._session.request(method, url, headers=headers, data=body, allow_redirects=False) as up:
+                data = await up.read()
+                response = web.StreamResponse(status=up.status)
+                for key, value in up.headers.items():
+                    if key.lower() not in HOP_BY_HOP - {"content-length"}:
+                        response.headers[key] = value
+                await response.prepare(request)
+                if data and method != "HEAD":
+                    await response.write(data)
+                await response.write_eof()
+        except ConnectionResetError:  # the client's connection was cut (an outage began) while this was forwarded
+            self._record(method, path, "cut")
+            raise
         self._record(method, path, "forwarded")
         return response
 

@@ -12,6 +12,7 @@ s3fs is not fork-safe: create filesystems in the process that uses them (``files
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ class StorageError(RuntimeError):
 class RangeNotSatisfiableError(StorageError):
     """A ranged read starts past the end of the object (``url``): it is shorter than the caller expected."""
 
-    def __init__(self, message: str, url: str) -> None:
+    def __init__(self, message: str, url: str = "") -> None:  # url optional: exceptions are unpickled from args
         super().__init__(message)
         self.url = url
 
@@ -483,28 +484,79 @@ def check_location(url: str, settings: S3Settings | None = None, *, must_exist: 
             raise StorageError(f"nothing found at {url} (endpoint {settings.describe()}, bucket {bucket!r})")
 
 
-def pyarrow_filesystem(settings: S3Settings | None = None):
-    """A ``pyarrow.fs`` filesystem for Ray Train's ``RunConfig(storage_filesystem=...)``.
+def upload_attempts(outage_seconds: float) -> int:
+    """Attempts of pyarrow's standard S3 retry strategy whose expected back-off adds up to ``outage_seconds``.
+
+    AWS's standard strategy sleeps ``min(U * 2**i, 20)`` s before retry ``i`` (U uniform in [0, 1)), whose mean is
+    ``2**(i-1)`` while ``2**i <= 20`` and ``20 - 200 / 2**i`` after. Measured here against a refused endpoint:
+    10 attempts gave up after 62-78 s, 20 after 263 s. No budget: pyarrow's default, 3 attempts (about 2 s).
+    """
+    if outage_seconds <= 0:
+        return 3
+    total, i = 0.0, 0
+    while total < outage_seconds:
+        total += 2 ** (i - 1) if 2**i <= 20 else 20 - 200 / 2**i
+        i += 1
+    return max(3, i + 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_filesystem_class():
+    from pyarrow import fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        """pyarrow's S3 filesystem with a retry strategy that survives pickling.
+
+        pyarrow 25's ``S3FileSystem.__reduce__`` drops ``retry_strategy``: Ray ships the run's filesystem to its
+        controller and workers by pickling it, so their checkpoint uploads and run-state writes fell back to 3
+        attempts (about 2 s of S3 trouble failed a run, found by tests/test_faults.py). This class rebuilds itself
+        with the same attempts wherever it is unpickled.
+        """
+
+        def __init__(self, *, max_attempts: int, **kwargs) -> None:
+            super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+            self._rebuild_args = (max_attempts, kwargs)
+
+        def __reduce__(self):
+            return _rebuild_s3_filesystem, self._rebuild_args
+
+    return RetryingS3FileSystem
+
+
+def _rebuild_s3_filesystem(max_attempts: int, kwargs: dict):
+    return _s3_filesystem_class()(max_attempts=max_attempts, **kwargs)
+
+
+def pyarrow_filesystem(settings: S3Settings | None = None, *, outage_seconds: float = 0.0):
+    """A ``pyarrow.fs`` filesystem for Ray Train's ``RunConfig(storage_filesystem=...)``: checkpoint uploads, restores
+    and Ray's run state. Its retries ride out about ``outage_seconds`` of S3 trouble (``upload_attempts``), in every
+    process Ray sends it to.
 
     pyarrow ignores ``AWS_ENDPOINT_URL_S3``, so the endpoint is passed explicitly.
     """
-    from pyarrow import fs as pafs
-
     settings = settings or resolve_settings()
-    kwargs: dict = {"region": settings.region, "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    kwargs: dict = {"region": settings.region}
     if settings.key and settings.secret:
         kwargs.update(access_key=settings.key, secret_key=settings.secret)
     if settings.endpoint_url:
         parsed = urlparse(settings.endpoint_url)
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(**kwargs)
+    return _s3_filesystem_class()(max_attempts=upload_attempts(outage_seconds), **kwargs)
 
 
-def ray_storage(url: str, settings: S3Settings | None = None) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for Ray's ``RunConfig``: S3 URLs go through ``pyarrow_filesystem``."""
+def ray_storage(
+    url: str, settings: S3Settings | None = None, *, outage_seconds: float = 0.0
+) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray's ``RunConfig``: S3 URLs go through ``pyarrow_filesystem``.
+
+    Ray Train's controller writes the run's state through it, in its control loop: while a write retries, the loop
+    waits, and a write that gives up ends the whole run (the controller is not restarted, whatever
+    ``run.max_failures`` says). So an S3 outage longer than ``outage_seconds`` ends the run from either side, the
+    workers' reads or the controller's writes, and both errors name the endpoint.
+    """
     if is_s3(url):
         bucket, key = split_s3(url)
-        return f"{bucket}/{key}".rstrip("/"), pyarrow_filesystem(settings)
+        return f"{bucket}/{key}".rstrip("/"), pyarrow_filesystem(settings, outage_seconds=outage_seconds)
     return os.path.abspath(filesystem(url)[1]), None
 
 

@@ -118,3 +118,29 @@ def test_a_truncated_latest_checkpoint_on_s3_falls_back_to_the_previous_one(
     fs.delete_file(f"{first.path}/meta.json")
     with pytest.raises(CorruptCheckpointError, match="no intact checkpoint to resume from: .*10-05-00.*10-00-00"):
         restore_engines(latest, {"model": target}, world_size=1)
+
+
+def test_resume_takes_the_newest_checkpoint_on_storage_when_ray_registered_an_older_one(s3_url, caplog):
+    """Ray registers checkpoints asynchronously: after a lost worker, a stopped job or a failed snapshot write, the
+    run's folder can hold a newer checkpoint than ``ray.train.get_checkpoint()`` returns."""
+    from ray.train import Checkpoint
+
+    from reid_core import storage
+    from reid_core.train.checkpoint import checkpoint_to_resume
+
+    run_path, fs = storage.ray_storage(f"{s3_url}/run")
+    names = ["checkpoint_2026-11-25_10-00-00.000000", "checkpoint_2026-11-25_10-05-00.000000"]
+    assert checkpoint_to_resume(None, run_path, fs) is None  # a fresh run: nothing to resume
+    for name in names:
+        with fs.open_output_stream(f"{run_path}/{name}/meta.json") as f:
+            f.write(b"{}")
+    with fs.open_output_stream(f"{run_path}/checkpoint_manager_snapshot.json") as f:  # Ray's own files: not checkpoints
+        f.write(b"{}")
+    registered = Checkpoint(path=f"{run_path}/{names[0]}", filesystem=fs)
+    with caplog.at_level(logging.INFO, logger="reid_core.train.checkpoint"):
+        chosen = checkpoint_to_resume(registered, run_path, fs)
+    assert chosen.path.endswith(names[1])
+    assert "newer than Ray's last registered checkpoint" in caplog.text
+    assert checkpoint_to_resume(None, run_path, fs).path.endswith(names[1])  # Ray knows none (no snapshot written)
+    newest = Checkpoint(path=f"{run_path}/{names[1]}", filesystem=fs)
+    assert checkpoint_to_resume(newest, run_path, fs) is newest  # Ray's is the newest: used as it is

@@ -162,3 +162,25 @@ def test_epoch_logger_says_what_was_not_logged_when_mlflow_stays_down(services_s
     lost = [r.getMessage() for r in caplog.records if "NOT logged" in r.getMessage()]
     assert len(lost) == 1 and "epoch 4" in lost[0] and "'loss': 0.125" in lost[0] and run_id in lost[0]
     assert tracking.client(uri).get_metric_history(run_id, "loss") == []
+
+
+def test_checkpoint_storage_keeps_its_retries_wherever_ray_sends_it(s3_url, s3_proxy):
+    """Ray pickles the run's filesystem to its controller and workers; pyarrow's own pickling drops the retry
+    strategy (3 attempts, about 2 s), ours rebuilds it: an upload through a 4-s outage succeeds after the trip."""
+    import pickle
+
+    bucket, key = storage.split_s3(s3_url)
+    _, fs = storage.ray_storage(s3_url, _via(s3_proxy), outage_seconds=10)
+    shipped = pickle.loads(pickle.dumps(fs))
+    assert shipped._rebuild_args[0] == storage.upload_attempts(10) > 3
+    s3_proxy.outage(4.0)
+    t0 = time.monotonic()
+    with shipped.open_output_stream(f"{bucket}/{key}/checkpoint_x/meta.json") as f:
+        f.write(b"{}")
+    assert time.monotonic() - t0 >= 3.5
+    assert storage.read_bytes(f"{s3_url}/checkpoint_x/meta.json") == b"{}"
+
+
+def test_upload_attempts_cover_the_budget():
+    assert storage.upload_attempts(0) == 3  # pyarrow's default: no budget
+    assert [storage.upload_attempts(t) for t in (10, 60, 120, 300)] == [6, 9, 12, 21]

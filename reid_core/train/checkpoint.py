@@ -131,6 +131,32 @@ def earlier_checkpoints(checkpoint) -> list:
     return [type(checkpoint)(path=p, filesystem=checkpoint.filesystem) for p in older]
 
 
+def checkpoint_to_resume(registered, run_folder: str, filesystem=None):
+    """The checkpoint a (re)started run resumes from: ``registered`` (``ray.train.get_checkpoint()``, may be None) or
+    the newest ``checkpoint_<timestamp>`` folder in ``run_folder`` on ``filesystem`` (a ``pyarrow.fs`` filesystem;
+    None: local), whichever is newer (Ray names them in time order).
+
+    Ray Train registers a reported checkpoint asynchronously, in its controller, and records it in the run's
+    snapshot on storage: a worker lost right after uploading, a controller that failed to write its snapshot (S3
+    down) or a job stopped in between leave a newer checkpoint on storage than Ray knows. Its integrity is checked by
+    ``restore_engines`` like any other's (a partial upload fails its manifests and the one before it is used).
+    """
+    from pyarrow.fs import FileSelector, FileType, LocalFileSystem
+    from ray.train import Checkpoint
+
+    filesystem = filesystem or LocalFileSystem()
+    infos = filesystem.get_file_info(FileSelector(run_folder.rstrip("/"), allow_not_found=True))
+    folders = sorted(i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not folders:
+        return registered
+    newest = folders[-1]
+    if registered is not None and posixpath.basename(registered.path.rstrip("/")) >= posixpath.basename(newest):
+        return registered
+    if registered is not None:
+        log.info("resuming from %s, newer than Ray's last registered checkpoint %s", newest, registered.path)
+    return Checkpoint(path=newest, filesystem=filesystem)
+
+
 def restore_engines(checkpoint, engines: dict[str, Any], *, world_size: int) -> tuple[dict, Any]:
     """Restore ``engines`` from the newest intact checkpoint: ``checkpoint`` (from ``ray.train.get_checkpoint()``)
     or, when its files fail their manifests, the run's previous ones in turn. Returns (meta, the checkpoint used).

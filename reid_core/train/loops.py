@@ -36,16 +36,17 @@ def ray_scaling_config(scaling):
     )
 
 
-def make_trainer(loop, loop_config: dict, *, scaling, run, settings, callbacks=None):
+def make_trainer(loop, loop_config: dict, *, scaling, run, settings, outage_seconds: float = 0.0, callbacks=None):
     """The ``TorchTrainer`` every job builds: workers from ``scaling`` (a ``config.ScalingConfig``), run name, S3
-    checkpoint storage, failure and checkpoint policy from ``run`` (a ``config.RunConfig``); ``callbacks``: Ray Train
-    ``UserCallback``s (a Tune trial passes the one that forwards validation metrics to Tune)."""
+    checkpoint storage (riding out ``outage_seconds`` of S3 trouble), failure and checkpoint policy from ``run`` (a
+    ``config.RunConfig``); ``callbacks``: Ray Train ``UserCallback``s (a Tune trial passes the one that forwards
+    validation metrics to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from reid_core import storage
 
-    storage_path, storage_fs = storage.ray_storage(run.storage, settings)
+    storage_path, storage_fs = storage.ray_storage(run.storage, settings, outage_seconds=outage_seconds)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -167,9 +168,9 @@ def train_gan_loop(loop_config: dict) -> None:
     log.info("rank %d: Δ of %d real images in %.1f s (share without a face: %.3f)", rank, len(records),
              time.perf_counter() - t_delta, float(face_absent_real.mean()))  # fmt: skip
 
-    # --- resume: the latest reported checkpoint of this run (after a worker failure or a resubmission)
+    # --- resume: the run's newest checkpoint (after a worker failure or a resubmission)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
         meta, checkpoint = restore_engines(checkpoint, engines, world_size=world)
         start_epoch = meta["epoch"] + 1
@@ -255,6 +256,19 @@ def _epoch_logger(uri: str, run_id: str) -> tracking.EpochLogger:
     """Rank 0's MLflow logging, in the background; this worker process logs only through it."""
     tracking.quick_retries()
     return tracking.EpochLogger(uri, run_id)
+
+
+def _checkpoint_to_resume(cfg):
+    """Ray's latest registered checkpoint of the run, or a newer one in the run's folder that Ray has not registered
+    (``checkpoint.checkpoint_to_resume``); None for a fresh run."""
+    import ray.train
+
+    from reid_core import storage
+    from reid_core.train.checkpoint import checkpoint_to_resume
+
+    settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
+    path, fs = storage.ray_storage(cfg.run.storage, settings, outage_seconds=cfg.storage.outage_seconds)
+    return checkpoint_to_resume(ray.train.get_checkpoint(), f"{path.rstrip('/')}/{cfg.run.name}", fs)
 
 
 def _setup_storage(storage_cfg) -> None:
@@ -384,9 +398,9 @@ def train_reid_loop(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
 
-    # --- resume: the latest reported checkpoint of this run (masks and condensing stages are buffers: restored too)
+    # --- resume: the run's newest checkpoint (masks and condensing stages are buffers: restored too)
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
         meta, checkpoint = restore_engines(checkpoint, {"model": engine}, world_size=world)
         start_epoch = meta["epoch"] + 1

@@ -198,7 +198,8 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
 # ------------------------------------------------------------------------------------------------ the search
 def tune_storage(cfg: TuneJobConfig, settings) -> tuple[str, object | None, str]:
     """(storage_path, storage_filesystem, the experiment's path for ``Tuner.restore`` / ``can_restore``)."""
-    path, fs = storage.ray_storage(cfg.search.storage, settings)
+    # The search's own state rides out S3 trouble as long as its GAN stage's checkpoints do.
+    path, fs = storage.ray_storage(cfg.search.storage, settings, outage_seconds=cfg.gan.storage.outage_seconds)
     return path, fs, f"{path.rstrip('/')}/{cfg.search.name}"
 
 
