@@ -43,6 +43,15 @@ def s3_url(s3_env, s3_server, request):
     return f"s3://{s3_server.bucket}/{name}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def s3_proxy(s3_server):
+    """``reid_core.proxy.FaultProxy`` in front of ``s3_server``, for this test: S3 that a test can stop and throttle."""
+    from reid_core.proxy import FaultProxy
+
+    with FaultProxy(s3_server.s3_endpoint) as proxy:
+        yield proxy
+
+
 @pytest.fixture(scope="session")
 def services_stack(tmp_path_factory, s3_server):
     """MLflow server (sqlite) and a Ray head on free loopback ports, next to ``s3_server``.

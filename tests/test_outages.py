@@ -14,12 +14,6 @@ from reid_core.proxy import Fail, FaultProxy
 
 
 @pytest.fixture
-def s3_proxy(s3_server):
-    with FaultProxy(s3_server.s3_endpoint) as proxy:
-        yield proxy
-
-
-@pytest.fixture
 def budget(monkeypatch):
     """Set this process's outage budget for one test (the variable is restored afterwards)."""
 
