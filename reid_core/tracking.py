@@ -146,8 +146,10 @@ class EpochLogger:
 
     Each attempt is one MLflow client call, with MLflow's own per-request retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
     7 by default: minutes of back-off); the training loops cut those to 1 in rank 0's process (``quick_retries``),
-    since this logger retries by itself. The backlog lives in the worker's memory: a worker killed during an MLflow outage loses it (its warnings name the
-    epochs; they are trained and logged again after the restart only if they come after the checkpoint resumed from).
+    since this logger retries by itself. What the server refuses (a 4xx: a deleted run, an invalid value) is not
+    retried: a warning names it with its values. The backlog lives in the worker's memory: a worker killed during an
+    MLflow outage loses it (its warnings name the epochs; those after the checkpoint it resumes from are trained and
+    logged again).
     """
 
     def __init__(self, uri: str, run_id: str, *, retry_cap: float = 15.0) -> None:
@@ -207,14 +209,21 @@ class EpochLogger:
                     self._cond.wait()
                 if self._closing:
                     return
-                epoch, kind, payload, stamp = self._tasks[0]
+                task = self._tasks[0]
+                epoch, kind, payload, stamp = task
                 self._busy = True
             try:
                 self._send(kind, epoch, payload, stamp)
-            except Exception as exc:  # noqa: BLE001 - kept and retried; reported below
+            except Exception as exc:  # noqa: BLE001 - kept and retried, or dropped with its values; reported below
+                if _refused(exc):
+                    what = f"metrics {payload}" if kind == "metrics" else f"picture {payload[0]}"
+                    log.warning("MLflow at %s refused epoch %d %s for run %s: NOT logged (%s)", self.uri, epoch, what,
+                                self.run_id, str(exc)[:300])  # fmt: skip
+                    self._done(task)
+                    continue
                 with self._cond:
                     self._busy = False
-                    waiting = sorted({task[0] for task in self._tasks})
+                    waiting = sorted({t[0] for t in self._tasks})
                     if failing_since is None:
                         failing_since = time.monotonic()
                         log.warning("MLflow at %s is not answering (%s: %s): epoch(s) %s kept in memory and retried "
@@ -222,16 +231,29 @@ class EpochLogger:
                     self._cond.wait(timeout=delay)  # close() wakes it
                 delay = min(delay * 2, self.retry_cap)
                 continue
+            self._done(task)
             with self._cond:
-                self._tasks.popleft()
-                self._busy = False
                 if failing_since is not None:
-                    kept = sorted({epoch} | {task[0] for task in self._tasks})
+                    kept = sorted({epoch} | {t[0] for t in self._tasks})
                     log.info("MLflow at %s answers again after %.0f s: logging the kept epoch(s) %s", self.uri,
                              time.monotonic() - failing_since, kept)  # fmt: skip
                     failing_since = None
-                self._cond.notify_all()
             delay = 0.5
+
+    def _done(self, task) -> None:
+        """``task`` is handled: off the queue (unless ``close`` took the queue meanwhile)."""
+        with self._cond:
+            if self._tasks and self._tasks[0] is task:
+                self._tasks.popleft()
+            self._busy = False
+            self._cond.notify_all()
+
+
+def _refused(exc: Exception) -> bool:
+    """MLflow answered, and said no (a 4xx): retrying the same request cannot help."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and 400 <= exc.get_http_status_code() < 500
 
 
 def set_terminated(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -178,3 +178,22 @@ def test_checkpoint_storage_keeps_its_retries_wherever_ray_sends_it(s3_url, s3_p
 def test_upload_attempts_cover_the_budget():
     assert storage.upload_attempts(0) == 3  # pyarrow's default: no budget
     assert [storage.upload_attempts(t) for t in (10, 60, 120, 300)] == [6, 9, 12, 21]
+
+
+def test_epoch_logger_does_not_retry_what_mlflow_refuses(services_stack, caplog):
+    """A 4xx (here: the run was deleted meanwhile) is an answer, not an outage: named with its values, not retried,
+    and the epochs after it are still logged in order."""
+    uri = services_stack.mlflow_uri
+    deleted, alive = _run(uri), _run(uri)
+    tracking.client(uri).delete_run(deleted)
+    with caplog.at_level(logging.WARNING, logger="reid_core.tracking"):
+        logger = tracking.EpochLogger(uri, deleted, retry_cap=0.5)
+        logger.log(0, {"loss": 2.0})
+        assert logger.close(timeout=30) == []
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and "epoch 0" in refused[0] and "'loss': 2.0" in refused[0] and "NOT logged" in refused[0]
+    logger = tracking.EpochLogger(uri, alive)
+    logger.log(0, {"loss": 2.0})
+    logger.log(1, {"loss": 1.0})
+    assert logger.close(timeout=30) == []
+    assert [m.step for m in tracking.client(uri).get_metric_history(alive, "loss")] == [0, 1]

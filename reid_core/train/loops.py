@@ -1,8 +1,9 @@
 """Per-worker training loops: the only code that touches ``ray.train``.
 
 Each loop rebuilds its typed config from the plain dict Ray hands it, opens its shard of the data through
-``reid_core.storage``, builds DeepSpeed engines, resumes from ``ray.train.get_checkpoint()``, runs pure steps from
-``steps.py``, and at the end of every epoch has every rank save its checkpoint shard and call ``ray.train.report``.
+``reid_core.storage``, builds DeepSpeed engines, resumes from the run's newest checkpoint (``_checkpoint_to_resume``),
+runs pure steps from ``steps.py``, and at the end of every epoch has every rank save its checkpoint shard and call
+``ray.train.report``.
 Only rank 0 logs to MLflow, in the background (``tracking.EpochLogger``: MLflow being down does not stop training).
 """
 
