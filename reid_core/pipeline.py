@@ -86,9 +86,9 @@ def training_failure(exc: Exception, run, settings=None) -> str:
 
     if isinstance(exc, WorkerGroupError) and exc.worker_failures:
         rank, error = min(exc.worker_failures.items(), key=lambda item: item[0])
-        where = f"rank {rank}"
+        where = f"rank {rank}, after run.max_failures = {run.max_failures} restarts"
     elif isinstance(exc, ControllerError):
-        error, where = exc.controller_failure, "Ray Train's controller"
+        error, where = exc.controller_failure, "Ray Train's controller, which Ray does not restart"
     else:
         error, where = exc, "training"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -98,7 +98,7 @@ def training_failure(exc: Exception, run, settings=None) -> str:
     if "AWS Error" in message and settings is not None:
         message = f"{message} (S3 endpoint {settings.describe()})"
     return (
-        f"training failed ({where}, after run.max_failures = {run.max_failures} restarts): {message}. The checkpoints "
+        f"training failed ({where}): {message}. The checkpoints "
         f"are kept in {run.storage.rstrip('/')}/{run.name}: run the same command (same run.name) to resume"
     )
 

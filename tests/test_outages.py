@@ -197,3 +197,24 @@ def test_epoch_logger_does_not_retry_what_mlflow_refuses(services_stack, caplog)
     logger.log(1, {"loss": 1.0})
     assert logger.close(timeout=30) == []
     assert [m.step for m in tracking.client(uri).get_metric_history(alive, "loss")] == [0, 1]
+
+
+def test_a_training_failure_is_one_line_naming_the_failing_side_and_how_to_resume():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from reid_core.config import RunConfig
+    from reid_core.pipeline import training_failure
+
+    run = RunConfig(name="gan-7", storage="s3://bkt/ray-results/", max_failures=2)
+    settings = storage.S3Settings(endpoint_url="http://s3.internal:9000")
+    read = storage.StorageError("S3 endpoint is unreachable: s3://bkt/x.jpg (endpoint http://s3.internal:9000)")
+    line = training_failure(WorkerGroupError("2 workers failed", {1: ValueError("other"), 0: read}), run, settings)
+    assert line == (
+        "training failed (rank 0, after run.max_failures = 2 restarts): StorageError: S3 endpoint is unreachable: "
+        "s3://bkt/x.jpg (endpoint http://s3.internal:9000). The checkpoints are kept in s3://bkt/ray-results/gan-7: "
+        "run the same command (same run.name) to resume"
+    )
+    write = OSError("When uploading 'snapshot.json':\nAWS Error NETWORK_CONNECTION during PutObject: curlCode: 7")
+    line = training_failure(ControllerError(write), run, settings)
+    assert "\n" not in line and "Ray Train's controller, which Ray does not restart" in line
+    assert "OSError: AWS Error NETWORK_CONNECTION" in line and "(S3 endpoint http://s3.internal:9000)" in line
