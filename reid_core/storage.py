@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -184,9 +185,10 @@ def _wrap(exc: Exception, url: str, settings: S3Settings | None) -> StorageError
     )
 
 
-_TRANSIENT = ("slowdown", "serviceunavailable", "internalerror", "503", "500 ", "502", "504", "timeout", "timed out",
+_TRANSIENT = ("slowdown", "serviceunavailable", "service unavailable", "internalerror", "timeout", "timed out",
               "connection reset", "connectionreset", "serverdisconnected", "clientoserror", "incompleteread",
               "responsestreamingerror", "payloaderror")  # fmt: skip
+_SERVER_STATUS = re.compile(r"\b50[0234]\b")  # a 5xx status, not digits inside a port or a key
 
 
 def _is_transient(exc: BaseException, reason: str) -> bool:
@@ -196,7 +198,7 @@ def _is_transient(exc: BaseException, reason: str) -> bool:
     if isinstance(exc, PermissionError | FileNotFoundError):
         return False
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(s in text for s in _TRANSIENT)
+    return any(s in text for s in _TRANSIENT) or bool(_SERVER_STATUS.search(text))
 
 
 # ------------------------------------------------------------------------------------------------ outage budget

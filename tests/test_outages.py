@@ -218,3 +218,14 @@ def test_a_training_failure_is_one_line_naming_the_failing_side_and_how_to_resum
     line = training_failure(ControllerError(write), run, settings)
     assert "\n" not in line and "Ray Train's controller, which Ray does not restart" in line
     assert "OSError: AWS Error NETWORK_CONNECTION" in line and "(S3 endpoint http://s3.internal:9000)" in line
+
+
+def test_throttling_that_outlasts_botocore_is_waited_out_within_the_budget(s3_url, s3_proxy, budget):
+    """s3fs turns a 503 SlowDown that botocore gave up on into "OSError: Service Unavailable": still an outage."""
+    files = _objects(s3_url, 2)
+    target = next(iter(files)).split("/", 3)[3]
+    s3_proxy.add_hook(lambda method, path: Fail(503, "SlowDown") if path.endswith(target) and
+                      s3_proxy.count(contains=target, outcome="failed 503") < 3 else None)  # fmt: skip
+    budget(30)
+    assert storage.read_many(list(files), _via(s3_proxy)) == files
+    assert s3_proxy.count(contains=target, outcome="failed 503") == 3
