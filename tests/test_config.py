@@ -46,6 +46,8 @@ def test_shipped_configs_are_valid(name):
         ("", ["data.uri=''"], "data.uri: missing dataset location"),
         ("", ["data.uri="], "data.uri: expected str, got None"),
         ("", ["scaling.zero_stage=3"], "scaling.zero_stage"),
+        ("", ["storage.outage_seconds=-1"], "storage.outage_seconds: expected ≥ 0, got -1"),
+        ("", ["tracking.flush_seconds=-5"], "tracking.flush_seconds: expected ≥ 0, got -5"),
         ("", ["nosection.x=1"], "unknown key 'nosection'"),
         ("", ["optim.lr"], "expected key.sub=value"),
         ("- a\n- b\n", [], "expected a mapping"),
