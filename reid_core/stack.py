@@ -48,10 +48,23 @@ class StackError(RuntimeError):
     """A service of the embedded stack could not be started or does not answer."""
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. All are held open together while chosen: one at a time, the OS may hand
+    out a port it just gave (two Ray components on one port made a Ray head refuse to start in CI)."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _check_loopback(host: str) -> str:
@@ -79,23 +92,25 @@ class Ports:
     @classmethod
     def fixed(cls) -> Ports:
         """The ports of the user-facing demo stack: the usual ones where the tools expect them."""
+        agent, runtime_env_agent, metrics, node_manager, object_manager = free_ports(5)
         return cls(
             s3=9000,
             mlflow=5000,
             ray_gcs=6379,
             ray_dashboard=8265,
             ray_client=10001,
-            ray_dashboard_agent=free_port(),
-            ray_runtime_env_agent=free_port(),
-            ray_metrics=free_port(),
-            ray_node_manager=free_port(),
-            ray_object_manager=free_port(),
+            ray_dashboard_agent=agent,
+            ray_runtime_env_agent=runtime_env_agent,
+            ray_metrics=metrics,
+            ray_node_manager=node_manager,
+            ray_object_manager=object_manager,
         )
 
     @classmethod
     def free(cls) -> Ports:
         """All free ports (tests, or a second stack next to the demo's)."""
-        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+        names = list(cls.__dataclass_fields__)
+        return cls(**dict(zip(names, free_ports(len(names)), strict=True)))
 
 
 @dataclass
@@ -411,6 +426,7 @@ class Stack:
         if "ray" not in self.processes or key in self.processes:
             raise StackError(f"cannot add Ray node {name!r}: " + ("it exists" if key in self.processes else
                              "this stack runs no Ray head (start it with the 'ray' service first)"))  # fmt: skip
+        node_manager, object_manager, metrics, agent, agent_grpc, runtime_env_agent = free_ports(6)
         cmd = [
             _bin("ray"), "start", "--block",
             f"--address={self.ray_address}",
@@ -419,12 +435,12 @@ class Stack:
             "--num-gpus=0",
             f"--labels=stack-node={name}",
             f"--object-store-memory={object_store_mb * 2**20}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env_agent}",
             "--min-worker-port=0", "--max-worker-port=0",  # workers on random ports: the head uses Ray's default range
             f"--temp-dir=/tmp/ray-dcr-{self.ports.ray_gcs}-{name}",
             "--disable-usage-stats",
