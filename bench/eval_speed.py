@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reid_core.metrics.rank import (  # noqa: E402
-    _default_chunk_rows,
+    default_chunk_rows,
     evaluate_rank,
     evaluate_rank_reference,
     pairwise_distance,
@@ -187,7 +187,7 @@ def section_a(s: Sizes) -> None:
     )
     for kind in ("random", "identity"):
         q, g, ids = make_data(s, kind=kind)
-        rows = _default_chunk_rows(s.queries, s.gallery)
+        rows = default_chunk_rows(s.queries, s.gallery)
         mm_times, fast_times, mm_cpu, fast_cpu = [], [], [], []
         for _ in range(ROUNDS):  # interleaved, best of ROUNDS: other processes share the CPU
             _, c, t = timed_cpu(lambda q=q, g=g, rows=rows: bare_product_seconds(q, g, rows))
@@ -239,7 +239,7 @@ def section_b(s: Sizes) -> None:
     )
     for kind in ("random", "identity"):
         q, g, ids = make_data(s, kind=kind)
-        rows = _default_chunk_rows(s.queries, s.gallery)
+        rows = default_chunk_rows(s.queries, s.gallery)
         with PeakMemory() as mem:
             t_eval, c_eval, res = timed_cpu(lambda q=q, g=g, ids=ids: evaluate_rank(q, g, *ids))
         _, c_mm, t_mm = timed_cpu(lambda q=q, g=g, rows=rows: bare_product_seconds(q, g, rows))
@@ -277,7 +277,7 @@ def section_c(s: Sizes) -> None:
     logging.basicConfig(level=logging.WARNING, format="  %(message)s")
     logging.getLogger("reid_core.metrics.reranking").setLevel(logging.INFO)  # prints the sparse encodings' sizes
     q, g, ids = make_data(s, kind="random")
-    rows = _default_chunk_rows(s.queries, s.gallery)
+    rows = default_chunk_rows(s.queries, s.gallery)
     t_mm = bare_product_seconds(q, g, rows)
     floor = t_mm * (n * n) / (s.queries * s.gallery)
     t_plain, plain = timed(lambda: evaluate_rank(q, g, *ids))

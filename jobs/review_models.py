@@ -81,18 +81,15 @@ class VersionRecord:
 def model_version_record(client, mv, aliases: dict[str, str], *, with_pictures: bool = False) -> VersionRecord:
     """Collect ``mv`` (an MLflow ``ModelVersion``) with its run's metrics and params; ``aliases``: alias -> version of
     its registered model."""
-    from mlflow.exceptions import MlflowException
-
     tags = dict(mv.tags or {})
     metrics: dict[str, float] = {}
     params: dict[str, str] = {}
     artifact_uri = ""
     run_id = mv.run_id or None
     if run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as exc:
-            log.warning("%s v%s: its run %s cannot be read (%s)", mv.name, mv.version, run_id, exc.message)
+        run, problem = tracking.run_or_problem(client, run_id)
+        if run is None:
+            log.warning("%s v%s: its run %s cannot be read (%s)", mv.name, mv.version, run_id, problem)
         else:
             metrics = dict(run.data.metrics)
             params = dict(run.data.params)
@@ -154,38 +151,9 @@ def run_pictures(client, run_id: str) -> tuple[str, ...]:
     return tuple(sorted(found)[:MAX_PICTURES])
 
 
-def registered_model_names(client) -> list[str]:
-    names: list[str] = []
-    token = None
-    while True:
-        page = client.search_registered_models(max_results=200, page_token=token)
-        names += [m.name for m in page]
-        token = page.token
-        if not token:
-            return sorted(names)
-
-
-def registered_model(uri: str, client, name: str):
-    """The registered model ``name``; ``RegistryError`` listing the registered models when it does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise tracking.TrackingError(
-                f"MLflow registry at {uri}: looking up {name!r} failed: {exc.message}"
-            ) from None
-    names = registered_model_names(client)
-    listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "none"
-    raise tracking.RegistryError(
-        f"registered model {name!r} does not exist in the MLflow registry at {uri} (registered models: {listed})"
-    )
-
-
 def model_versions(uri: str, client, name: str, *, with_pictures: bool = False) -> list[VersionRecord]:
     """Every version of registered model ``name``, newest first."""
-    model = registered_model(uri, client, name)
+    model = tracking.registered_model(uri, client, name)
     aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
     versions = []
     token = None
@@ -299,7 +267,7 @@ def picture_links(uri: str, record: VersionRecord) -> list[tuple[str, str, str |
 
 # ------------------------------------------------------------------------------------------------ commands
 def command_list(uri: str, client, *, name: str | None, metrics: list[str] | None) -> str:
-    names = [name] if name else registered_model_names(client)
+    names = [name] if name else tracking.registered_model_names(client)
     if not names:
         return f"no registered models in the MLflow registry at {uri}"
     blocks = []
@@ -463,7 +431,7 @@ def command_report(uri: str, client, *, name: str | None, out: str | None, metri
                    experiment: str) -> tuple[str, str]:  # fmt: skip
     """Write the page (``out``; its suffix .html/.htm selects HTML, else Markdown) and log it to a new run
     ``registry-review`` of ``experiment``. Returns (path written, run id)."""
-    names = [name] if name else registered_model_names(client)
+    names = [name] if name else tracking.registered_model_names(client)
     models = {n: model_versions(uri, client, n, with_pictures=True) for n in names}
     path = Path(out or "registry-review.md")
     as_html = path.suffix.lower() in (".html", ".htm")

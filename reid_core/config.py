@@ -1,6 +1,6 @@
 """Typed job configuration: dataclasses loaded from YAML, ``--set a.b=c`` overrides, validation with clear errors.
 
-Config stays at the edge (STYLE.md): jobs load it here, then pass plain values to library functions. Every error is a
+Config stays at the edge (docs/architecture.md, conventions): jobs load it here, then pass plain values to library functions. Every error is a
 ``ConfigError`` whose message names the file, the key and what was expected, raised before any Ray worker starts.
 """
 
@@ -47,7 +47,7 @@ class GanModelConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Face guidance of the discriminator losses (METHOD.md §1); λ1 = λ2 = 0 is the plain DC-GAN."""
+    """Face guidance of the discriminator losses (docs/method.md §1); λ1 = λ2 = 0 is the plain DC-GAN."""
 
     mode: str = "weighted"  # paper | weighted | critic
     lambda1: float = 0.0  # weight of Δ on real images
@@ -79,7 +79,7 @@ class ScalingConfig:
     # one worker). The STRICT_ variants fail rather than fall back. docs/cluster.md §8.
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     # None: always num_workers. An int: elastic Ray Train, between min_workers and num_workers workers, as many as the
-    # cluster has resources for; a restart at another world size resumes under DESIGN.md's world-size rule.
+    # cluster has resources for; a restart at another world size resumes under the world-size rule of docs/architecture.md.
     min_workers: int | None = None
 
     def validate(self) -> None:
@@ -168,10 +168,10 @@ class GanJobConfig:
             check_positive("data.max_images", self.data.max_images)
         if not self.data.uri:
             raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
-        from reid_core.models.dcgan import _stages
+        from reid_core.models import check_input_size
 
         try:
-            _stages(self.data.image_size)
+            check_input_size("dcgan_generator", self.data.image_size)
         except ValueError as exc:
             raise ConfigError(f"data.image_size: {exc}") from None
 
@@ -320,15 +320,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------- re-ID job
-# (added for jobs/train_reid.py: ID-CondenseNet and the Dual-Stream CNN trained with distractors, METHOD.md §2-4)
+# (added for jobs/train_reid.py: ID-CondenseNet and the Dual-Stream CNN trained with distractors, docs/method.md §2-4)
 
-REID_MODELS = ("condensenet74", "condensenet_tiny", "dual_stream", "dual_stream_tiny")
 REID_LOSS_MODES = ("distractor_class", "lsro")
 REID_OPTIMIZERS = ("sgd", "adam")
 REID_SCHEDULES = ("cosine", "constant")
 EVAL_METRICS = ("euclidean", "cosine")
-# Smallest input side of the CondenseNets: the stem halves it and every block after the first halves it again.
-CONDENSENET_MIN_SIDE = {"condensenet74": 32, "condensenet_tiny": 4}
 
 
 def is_dual_stream(model_name: str) -> bool:
@@ -423,7 +420,9 @@ class ReidJobConfig:
     def validate(self) -> None:
         check_choice("data.layout", self.data.layout, LAYOUTS)
         check_choice("data.on_bad_image", self.data.on_bad_image, ("raise", "skip"))
-        check_choice("model.name", self.model.name, REID_MODELS)
+        from reid_core.models import model_names
+
+        check_choice("model.name", self.model.name, model_names("reid"))
         check_choice("loss.mode", self.loss.mode, REID_LOSS_MODES)
         check_choice("optim.optimizer", self.optim.optimizer, REID_OPTIMIZERS)
         check_choice("optim.schedule", self.optim.schedule, REID_SCHEDULES)
@@ -471,25 +470,23 @@ class ReidJobConfig:
             )
         if self.distractors.uri is not None and not self.distractors.uri:
             raise ConfigError("distractors.uri: empty; give the set's folder or null to train without distractors")
+        from reid_core.models import check_input_size
+
         h, w = self.data.image_size
+        try:
+            check_input_size(self.model.name, (h, w))
+        except ValueError as exc:
+            raise ConfigError(f"data.image_size: {exc}") from None
         if is_dual_stream(self.model.name):
-            if h != w:
-                raise ConfigError(
-                    f"data.image_size: the Dual-Stream CNN reads square person images, got {h}×{w} (the paper: [64, 64])"
-                )
             if self.model.face_size != h:
                 raise ConfigError(
                     f"model.face_size: {self.model.face_size} must equal the person image side {h} (the registered "
                     "Dual-Stream model stacks image and face crop into one (N, 6, S, S) input)"
                 )
-        else:
-            side = CONDENSENET_MIN_SIDE[self.model.name]
-            if min(h, w) < side:
-                raise ConfigError(f"data.image_size: {self.model.name} needs sides of at least {side} px, got {h}×{w}")
 
 
 # ----------------------------------------------------------------------------------------------------- λ search
-# (added for jobs/tune_lambdas.py: a Ray Tune search over the face-guidance weights on the whole chain, METHOD.md §1)
+# (added for jobs/tune_lambdas.py: a Ray Tune search over the face-guidance weights on the whole chain, docs/method.md §1)
 
 SEARCH_MODES = ("grid", "asha")  # grid: every listed value (the paper's 3×3); asha: sampled, early-stopped on val
 SEARCH_OBJECTIVES = ("mAP", "rank1")

@@ -1,4 +1,4 @@
-"""Re-ID classification losses with synthesised distractor images (METHOD.md §2).
+"""Re-ID classification losses with synthesised distractor images (docs/method.md §2).
 
 Models have N + 1 outputs: the N real identities and, last, the distractor class (index N). Two ways to train with
 generated images:

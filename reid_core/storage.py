@@ -529,6 +529,23 @@ def _rebuild_s3_filesystem(max_attempts: int, kwargs: dict):
     return _s3_filesystem_class()(max_attempts=max_attempts, **kwargs)
 
 
+def local_pyarrow_filesystem():
+    """The local ``pyarrow.fs`` filesystem (for Ray checkpoints on a local or shared folder)."""
+    from pyarrow.fs import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+def list_subfolders(filesystem, folder: str, *, prefix: str = "") -> list[str]:
+    """The sub-folders of ``folder`` on a ``pyarrow.fs`` filesystem (None: the local one) whose names start with
+    ``prefix``, as full paths sorted by name; [] when ``folder`` does not exist."""
+    from pyarrow.fs import FileSelector, FileType
+
+    filesystem = filesystem or local_pyarrow_filesystem()
+    infos = filesystem.get_file_info(FileSelector(folder.rstrip("/"), allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith(prefix))
+
+
 def pyarrow_filesystem(settings: S3Settings | None = None, *, outage_seconds: float = 0.0):
     """A ``pyarrow.fs`` filesystem for Ray Train's ``RunConfig(storage_filesystem=...)``: checkpoint uploads, restores
     and Ray's run state. Its retries ride out about ``outage_seconds`` of S3 trouble (``upload_attempts``), in every

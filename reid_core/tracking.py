@@ -579,3 +579,41 @@ def replace_model_version_tags(uri: str, name: str, version: str, prefix: str, t
         c.delete_model_version_tag(name, str(version), key)
     set_model_version_tags(uri, name, version, tags)
     return stale
+
+
+# ------------------------------------------------------------------------------------------------ registry reading
+def run_or_problem(client, run_id: str):
+    """``(run, None)``, or ``(None, message)`` when the run cannot be read (deleted, or its store is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id), None
+    except MlflowException as exc:
+        return None, exc.message
+
+
+def registered_model_names(client) -> list[str]:
+    names: list[str] = []
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=200, page_token=token)
+        names += [m.name for m in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def registered_model(uri: str, client, name: str):
+    """The registered model ``name``; ``RegistryError`` listing the registered models when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"MLflow registry at {uri}: looking up {name!r} failed: {exc.message}") from None
+    names = registered_model_names(client)
+    listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "none"
+    raise RegistryError(
+        f"registered model {name!r} does not exist in the MLflow registry at {uri} (registered models: {listed})"
+    )

@@ -24,7 +24,7 @@ CORRECT_COLOR = (0, 170, 0)
 WRONG_COLOR = (220, 0, 0)
 JUNK_COLOR = (150, 150, 150)
 BORDER = 4  # border width in pixels
-_GAP = 6  # pixels between cells
+GAP = 6  # pixels between cells
 _QUERY_GAP = 18  # extra pixels between the query and the gallery images
 _CAPTION = 30  # pixels of caption under each cell
 
@@ -146,23 +146,23 @@ def ranked_list_figure(
     load = gallery_images if callable(gallery_images) else gallery_images.__getitem__
     h, w = cell_size
     cw, ch = w + 2 * BORDER, h + 2 * BORDER
-    width = _GAP + cw + _QUERY_GAP + len(entries) * (cw + _GAP)
-    figure = Image.new("RGB", (width, ch + _CAPTION + 2 * _GAP), (255, 255, 255))
+    width = GAP + cw + _QUERY_GAP + len(entries) * (cw + GAP)
+    figure = Image.new("RGB", (width, ch + _CAPTION + 2 * GAP), (255, 255, 255))
     draw = ImageDraw.Draw(figure)
     font = _font(11)
-    figure.paste(_cell(query_image, QUERY_COLOR, cell_size), (_GAP, _GAP))
-    draw.text((_GAP, _GAP + ch + 2), f"query\nid {query_pid} c{query_camid}", fill=(0, 0, 0), font=font)
-    x = _GAP + cw + _QUERY_GAP
+    figure.paste(_cell(query_image, QUERY_COLOR, cell_size), (GAP, GAP))
+    draw.text((GAP, GAP + ch + 2), f"query\nid {query_pid} c{query_camid}", fill=(0, 0, 0), font=font)
+    x = GAP + cw + _QUERY_GAP
     for gi, r in entries:
         if r is None:
             color, caption = JUNK_COLOR, "junk"
         else:
             color = CORRECT_COLOR if g_pids[gi] == query_pid else WRONG_COLOR
             caption = f"#{r} "
-        figure.paste(_cell(load(gi), color, cell_size), (x, _GAP))
+        figure.paste(_cell(load(gi), color, cell_size), (x, GAP))
         caption += f" id {g_pids[gi]}\nc{g_cams[gi]} d={d[gi]:.3g}"
-        draw.text((x, _GAP + ch + 2), caption, fill=(0, 0, 0), font=font)
-        x += cw + _GAP
+        draw.text((x, GAP + ch + 2), caption, fill=(0, 0, 0), font=font)
+        x += cw + GAP
     if path is not None:
         _save_png(figure, path)
     return figure

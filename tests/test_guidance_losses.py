@@ -1,4 +1,4 @@
-"""Face-guided DC-GAN losses (reid_core/guidance/losses.py): the three modes of METHOD.md §1 against a plain DC-GAN."""
+"""Face-guided DC-GAN losses (reid_core/guidance/losses.py): the three modes of docs/method.md §1 against a plain DC-GAN."""
 
 from __future__ import annotations
 

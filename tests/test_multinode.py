@@ -9,7 +9,7 @@ so the first restart asks for 2 workers again and times out (RAY_TRAIN_WORKER_GR
 by default; a controller error, retried without counting against max_failures); the next one starts 1 worker, on the
 head. It resumes from the last checkpoint reported to S3; that one was written by 2 workers with ZeRO stage 1
 (partitioned optimizer state), which cannot be loaded at world size 1, so the job resumes from its world-size
-independent weights with a fresh optimizer and logs so (DESIGN.md's world-size rule, reid_core/train/checkpoint.py).
+independent weights with a fresh optimizer and logs so (the world-size rule of docs/architecture.md, reid_core/train/checkpoint.py).
 No node is added back (there is no autoscaler here): the job finishes on the head alone, with half the global batch.
 """
 

@@ -230,14 +230,14 @@ def test_one_gallery_camera_and_cmc_longer_than_gallery():
 
 def test_never_builds_more_than_a_chunk_of_distances(monkeypatch):
     shapes = []
-    original = rank_module._distance_block
+    original = rank_module.distance_block
 
     def recording(q, g, start, stop, out=None):
         dist = original(q, g, start, stop, out=out)
         shapes.append(tuple(dist.shape))
         return dist
 
-    monkeypatch.setattr(rank_module, "_distance_block", recording)
+    monkeypatch.setattr(rank_module, "distance_block", recording)
     rng = np.random.default_rng(2)
     q, g = rng.normal(size=(50, 8)), rng.normal(size=(70, 8))
     evaluate_rank(

@@ -78,14 +78,14 @@ def test_chunking_and_budgets_do_not_change_the_result(monkeypatch):
     whole = k_reciprocal_distmat(q, g, k1=6, k2=3, lambda_value=0.3)
 
     shapes = []
-    original_block = rank_module._distance_block
+    original_block = rank_module.distance_block
 
     def recording(qp, gp, start, stop, out=None):
         dist = original_block(qp, gp, start, stop, out=out)
         shapes.append(tuple(dist.shape))
         return dist
 
-    monkeypatch.setattr(reranking, "_distance_block", recording)
+    monkeypatch.setattr(reranking, "distance_block", recording)
     monkeypatch.setattr(reranking, "_PAIR_BUDGET", 7)
     monkeypatch.setattr(reranking, "_ELEMENT_BUDGET", 50)
     blocks = list(reranking.k_reciprocal_distance_chunks(q, g, k1=6, k2=3, lambda_value=0.3, chunk_size=3))

@@ -14,7 +14,7 @@ CELL = (32, 16)  # (height, width)
 
 def count_color(image: Image.Image, color) -> int:
     """Pixels of exactly ``color`` in the picture strip (above the captions, whose anti-aliased text has greys)."""
-    strip = np.asarray(image)[: viz._GAP + CELL[0] + 2 * viz.BORDER]
+    strip = np.asarray(image)[: viz.GAP + CELL[0] + 2 * viz.BORDER]
     return int(np.all(strip == np.array(color, dtype=np.uint8), axis=2).sum())
 
 

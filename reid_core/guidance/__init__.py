@@ -1,4 +1,4 @@
-"""Face guidance for the DC-GAN (METHOD.md §1): the face detector Δ and the guided losses.
+"""Face guidance for the DC-GAN (docs/method.md §1): the face detector Δ and the guided losses.
 
 - ``faces``: dlib's HOG frontal face detector over a thread pool -> Δ(x) (1 = no face), boxes, and face crops for
   the Dual-Stream face stream.

@@ -1,4 +1,4 @@
-"""Face presence Δ(x) with dlib's built-in HOG frontal face detector (METHOD.md §1).
+"""Face presence Δ(x) with dlib's built-in HOG frontal face detector (docs/method.md §1).
 
 Δ(x) = 1 when no face is found in x, 0 otherwise. The detector ships with dlib (no model file to download) and only
 finds faces about 64 px tall or more, so the small person images of re-ID and of the DC-GAN must be upsampled first.
@@ -354,7 +354,7 @@ def face_crops(
 
     images: (N, C, H, W) float tensor (any value range; the crops keep it).
     boxes: N boxes ``(left, top, right, bottom)`` in pixels (as in ``FaceDetections.best_boxes()``), or None for an
-        image without a face: its crop is all zeros (the face stream's "no face" input, METHOD.md §4).
+        image without a face: its crop is all zeros (the face stream's "no face" input, docs/method.md §4).
     size: output size, an int for square crops or (height, width).
     margin: widen each box by this fraction of its width/height on every side (0.25 adds the hair and chin); parts
         more than a pixel beyond the image border read as zeros.

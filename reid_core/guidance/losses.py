@@ -1,4 +1,4 @@
-"""Face-guided DC-GAN losses: the modes `paper`, `weighted` and `critic` of METHOD.md §1.
+"""Face-guided DC-GAN losses: the modes `paper`, `weighted` and `critic` of docs/method.md §1.
 
 Notation (per batch of m real images x and m' generated images G(z)): the discriminator returns logits ℓ, D = σ(ℓ);
 Δ ∈ [0, 1] per image is "no face" (the detector's 0/1, or 1 − F(x) with the face-presence score F in `critic` mode).

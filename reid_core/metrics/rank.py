@@ -95,7 +95,7 @@ class RankResult:
 # --------------------------------------------------------------------------------------------------- validation
 
 
-def _as_feature_tensor(feats, *, name: str) -> torch.Tensor:
+def as_feature_tensor(feats, *, name: str) -> torch.Tensor:
     """numpy/torch (N, D) real array -> CPU torch tensor, float32 (or float64 if given float64). Raises ValueError."""
     if isinstance(feats, torch.Tensor):
         t = feats.detach().cpu()
@@ -134,17 +134,17 @@ def _as_id_array(ids, *, name: str, length: int) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _check_max_rank(max_rank: int) -> None:
+def check_max_rank(max_rank: int) -> None:
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in DISTANCE_METRICS:
         raise ValueError(f"metric {metric!r} is not supported; valid metrics: {', '.join(DISTANCE_METRICS)}")
 
 
-def _default_chunk_rows(num_queries: int, num_gallery: int) -> int:
+def default_chunk_rows(num_queries: int, num_gallery: int) -> int:
     rows = max(
         _CHUNK_ROW_ALIGNMENT, _CHUNK_ELEMENTS // max(num_gallery, 1) // _CHUNK_ROW_ALIGNMENT * _CHUNK_ROW_ALIGNMENT
     )
@@ -153,7 +153,7 @@ def _default_chunk_rows(num_queries: int, num_gallery: int) -> int:
 
 def _check_chunk_size(chunk_size: int | None, num_queries: int, num_gallery: int) -> int:
     if chunk_size is None:
-        return _default_chunk_rows(num_queries, num_gallery)
+        return default_chunk_rows(num_queries, num_gallery)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of query rows or None, got {chunk_size!r}")
     return int(min(chunk_size, num_queries))
@@ -163,7 +163,7 @@ def _check_chunk_size(chunk_size: int | None, num_queries: int, num_gallery: int
 
 
 @dataclass(frozen=True)
-class _PreparedFeatures:
+class PreparedFeatures:
     """Features augmented so that one matrix product yields the distances (no extra pass over the result).
 
     Euclidean: queries ``[q, |q|^2, 1]``, gallery ``[-2g, 1, |g|^2]`` -> ``|q|^2 + |g|^2 - 2 q.g``.
@@ -174,7 +174,7 @@ class _PreparedFeatures:
     sq_norms: torch.Tensor  # (N,) squared norms of the original features
 
 
-def _prepare(feats: torch.Tensor, *, metric: str, side: str) -> _PreparedFeatures:
+def prepare_features(feats: torch.Tensor, *, metric: str, side: str) -> PreparedFeatures:
     sq = feats.pow(2).sum(dim=1)
     ones = torch.ones((feats.shape[0], 1), dtype=feats.dtype)
     if metric == "cosine":
@@ -184,11 +184,11 @@ def _prepare(feats: torch.Tensor, *, metric: str, side: str) -> _PreparedFeature
         aug = torch.cat([feats, sq.unsqueeze(1), ones], dim=1)
     else:
         aug = torch.cat([-2.0 * feats, ones, sq.unsqueeze(1)], dim=1)
-    return _PreparedFeatures(aug, sq)
+    return PreparedFeatures(aug, sq)
 
 
-def _distance_block(
-    q: _PreparedFeatures, g: _PreparedFeatures, start: int, stop: int, out: torch.Tensor | None = None
+def distance_block(
+    q: PreparedFeatures, g: PreparedFeatures, start: int, stop: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(stop - start, G) distances between query rows [start, stop) and the whole gallery: one BLAS product.
 
@@ -199,7 +199,7 @@ def _distance_block(
     return torch.mm(q.augmented[start:stop], g.augmented.T, out=out[: stop - start])
 
 
-def _check_distance_range(q: _PreparedFeatures, g: _PreparedFeatures, *, metric: str) -> None:
+def check_distance_range(q: PreparedFeatures, g: PreparedFeatures, *, metric: str) -> None:
     """Reject features so large that their distances overflow (would otherwise give inf/NaN ranks)."""
     if metric != "euclidean":
         return
@@ -223,17 +223,17 @@ def pairwise_distance(q_feats, g_feats, *, metric: str = "euclidean") -> torch.T
         (Q, G) CPU tensor, float32 (float64 if either input is float64). Needs Q*G*4 bytes: use it for small sets,
         for re-ranking tests and for the reference; ``evaluate_rank`` never builds it.
     """
-    _check_metric(metric)
-    q_t, g_t = _as_feature_tensor(q_feats, name="q_feats"), _as_feature_tensor(g_feats, name="g_feats")
-    q_t, g_t = _common_dtype(q_t, g_t)
+    check_metric(metric)
+    q_t, g_t = as_feature_tensor(q_feats, name="q_feats"), as_feature_tensor(g_feats, name="g_feats")
+    q_t, g_t = common_dtype(q_t, g_t)
     if q_t.shape[1] != g_t.shape[1]:
         raise ValueError(f"q_feats has {q_t.shape[1]} dimensions but g_feats has {g_t.shape[1]}")
-    qp, gp = _prepare(q_t, metric=metric, side="query"), _prepare(g_t, metric=metric, side="gallery")
-    _check_distance_range(qp, gp, metric=metric)
-    return _distance_block(qp, gp, 0, q_t.shape[0])
+    qp, gp = prepare_features(q_t, metric=metric, side="query"), prepare_features(g_t, metric=metric, side="gallery")
+    check_distance_range(qp, gp, metric=metric)
+    return distance_block(qp, gp, 0, q_t.shape[0])
 
 
-def _common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.dtype == b.dtype:
         return a, b
     return a.to(torch.float64), b.to(torch.float64)
@@ -510,7 +510,7 @@ def _summarise(stats: list[_QueryStatistics], *, max_rank: int, num_queries: int
     )
 
 
-def _validate_ids(q_pids, g_pids, q_camids, g_camids, *, num_queries: int, num_gallery: int):
+def validate_ids(q_pids, g_pids, q_camids, g_camids, *, num_queries: int, num_gallery: int):
     if num_gallery == 0:
         raise ValueError("the gallery is empty: evaluation needs at least one gallery item")
     if num_queries == 0:
@@ -539,7 +539,7 @@ def evaluate_distance_chunks(
     (stop - start, G) float32/float64 numpy array or CPU tensor; ``check_finite=False`` skips the NaN/inf scan for
     producers that guarantee finite values. Ids as in ``evaluate_rank``.
     """
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     q_pids = _as_id_array(q_pids, name="q_pids", length=len(q_pids))
     q_camids = _as_id_array(q_camids, name="q_camids", length=len(q_pids))
     g_pids = _as_id_array(g_pids, name="g_pids", length=len(g_pids))
@@ -601,15 +601,15 @@ def evaluate_rank(
         ValueError: mismatched lengths or dimensions, NaN/inf features, empty query set or gallery, unknown metric,
             or no query with a correct match at all.
     """
-    _check_metric(metric)
-    _check_max_rank(max_rank)
-    q_t, g_t = _as_feature_tensor(q_feats, name="q_feats"), _as_feature_tensor(g_feats, name="g_feats")
-    q_ids = _validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=q_t.shape[0], num_gallery=g_t.shape[0])
+    check_metric(metric)
+    check_max_rank(max_rank)
+    q_t, g_t = as_feature_tensor(q_feats, name="q_feats"), as_feature_tensor(g_feats, name="g_feats")
+    q_ids = validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=q_t.shape[0], num_gallery=g_t.shape[0])
     if q_t.shape[1] != g_t.shape[1]:
         raise ValueError(f"q_feats has {q_t.shape[1]} dimensions but g_feats has {g_t.shape[1]}")
-    q_t, g_t = _common_dtype(q_t, g_t)
-    qp, gp = _prepare(q_t, metric=metric, side="query"), _prepare(g_t, metric=metric, side="gallery")
-    _check_distance_range(qp, gp, metric=metric)
+    q_t, g_t = common_dtype(q_t, g_t)
+    qp, gp = prepare_features(q_t, metric=metric, side="query"), prepare_features(g_t, metric=metric, side="gallery")
+    check_distance_range(qp, gp, metric=metric)
     rows = _check_chunk_size(chunk_size, q_t.shape[0], g_t.shape[0])
     num_queries = q_t.shape[0]
 
@@ -617,7 +617,7 @@ def evaluate_rank(
         buffer = torch.empty((rows, g_t.shape[0]), dtype=q_t.dtype)  # reused: each chunk is ranked before the next
         for start in range(0, num_queries, rows):
             stop = min(start + rows, num_queries)
-            yield start, stop, _distance_block(qp, gp, start, stop, out=buffer)
+            yield start, stop, distance_block(qp, gp, start, stop, out=buffer)
 
     return evaluate_distance_chunks(chunks(), *q_ids, max_rank=max_rank, check_finite=False)
 
@@ -643,7 +643,7 @@ def evaluate_distmat(
     Raises:
         ValueError: wrong shape, mismatched lengths, NaN/inf distances, empty query set or gallery.
     """
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     if isinstance(distmat, torch.Tensor):
         dm = distmat.detach().cpu()
     else:
@@ -652,7 +652,7 @@ def evaluate_distmat(
         raise ValueError(f"distmat: expected shape (Q, G), got {tuple(dm.shape)}")
     if dm.dtype == torch.bool or dm.is_complex():
         raise ValueError(f"distmat: expected real distances, got dtype {dm.dtype}")
-    q_ids = _validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=dm.shape[0], num_gallery=dm.shape[1])
+    q_ids = validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=dm.shape[0], num_gallery=dm.shape[1])
     dtype = torch.float64 if dm.dtype == torch.float64 else torch.float32
     rows = _check_chunk_size(chunk_size, dm.shape[0], dm.shape[1])
 
@@ -676,11 +676,11 @@ def evaluate_rank_reference(distmat, q_pids, g_pids, q_camids, g_camids, *, max_
     dm = distmat.detach().cpu().numpy() if isinstance(distmat, torch.Tensor) else np.asarray(distmat)
     if dm.ndim != 2:
         raise ValueError(f"distmat: expected shape (Q, G), got {dm.shape}")
-    q_pids, g_pids, q_camids, g_camids = _validate_ids(
+    q_pids, g_pids, q_camids, g_camids = validate_ids(
         q_pids, g_pids, q_camids, g_camids, num_queries=dm.shape[0], num_gallery=dm.shape[1]
     )
     num_q = dm.shape[0]
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     indices = np.argsort(dm, axis=1, kind="stable")
     first_rank = np.zeros(num_q, dtype=np.int64)
     ap = np.full(num_q, np.nan)

@@ -34,18 +34,18 @@ import numpy as np
 import torch
 
 from reid_core.metrics.rank import (
+    PreparedFeatures,
     RankResult,
-    _as_feature_tensor,
-    _check_distance_range,
-    _check_max_rank,
-    _check_metric,
-    _common_dtype,
-    _default_chunk_rows,
-    _distance_block,
-    _prepare,
-    _PreparedFeatures,
-    _validate_ids,
+    as_feature_tensor,
+    check_distance_range,
+    check_max_rank,
+    check_metric,
+    common_dtype,
+    default_chunk_rows,
+    distance_block,
     evaluate_distance_chunks,
+    prepare_features,
+    validate_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _nearest_neighbours(all_q, all_g, *, num_items: int, k: int, chunk_rows: int
     buffer = torch.empty((min(chunk_rows, num_items), num_items), dtype=all_q.augmented.dtype)
     for start in range(0, num_items, chunk_rows):
         stop = min(start + chunk_rows, num_items)
-        dist = _distance_block(all_q, all_g, start, stop, out=buffer)
+        dist = distance_block(all_q, all_g, start, stop, out=buffer)
         row_max[start:stop] = dist.amax(dim=1).double().numpy()
         vals, idx = torch.topk(dist, k, dim=1, largest=False, sorted=True)
         # topk leaves the order of equal values unspecified: order by (distance, index)
@@ -265,20 +265,23 @@ def k_reciprocal_distance_chunks(
         ``(start, stop, dist)`` with ``dist`` a (stop - start, G) float32 array of final distances, covering the
         queries in order. The sparse encodings are built before the first block is yielded.
     """
-    _check_metric(metric)
-    q_t, g_t = _as_feature_tensor(q_feats, name="q_feats"), _as_feature_tensor(g_feats, name="g_feats")
+    check_metric(metric)
+    q_t, g_t = as_feature_tensor(q_feats, name="q_feats"), as_feature_tensor(g_feats, name="g_feats")
     if q_t.shape[1] != g_t.shape[1]:
         raise ValueError(f"q_feats has {q_t.shape[1]} dimensions but g_feats has {g_t.shape[1]}")
     if q_t.shape[0] == 0 or g_t.shape[0] == 0:
         raise ValueError(f"re-ranking needs queries and gallery images, got {q_t.shape[0]} and {g_t.shape[0]}")
-    q_t, g_t = _common_dtype(q_t, g_t)
+    q_t, g_t = common_dtype(q_t, g_t)
     num_q, num_g = q_t.shape[0], g_t.shape[0]
     num_items = num_q + num_g
     _check_params(k1, k2, lambda_value, num_items)
     feats = torch.cat([q_t, g_t], dim=0)
-    all_q, all_g = _prepare(feats, metric=metric, side="query"), _prepare(feats, metric=metric, side="gallery")
-    _check_distance_range(all_q, all_g, metric=metric)
-    rows = _default_chunk_rows(num_items, num_items) if chunk_size is None else max(1, int(chunk_size))
+    all_q, all_g = (
+        prepare_features(feats, metric=metric, side="query"),
+        prepare_features(feats, metric=metric, side="gallery"),
+    )
+    check_distance_range(all_q, all_g, metric=metric)
+    rows = default_chunk_rows(num_items, num_items) if chunk_size is None else max(1, int(chunk_size))
 
     neighbours, row_max = _nearest_neighbours(all_q, all_g, num_items=num_items, k=k1 + 1, chunk_rows=rows)
     row_max = np.where(row_max > 0, row_max, 1.0)
@@ -299,7 +302,7 @@ def k_reciprocal_distance_chunks(
         float(pairs_per_query.sum()),
     )
     gallery_all = slice(num_q, num_items)
-    g_aug = _PreparedFeatures(all_g.augmented[gallery_all], all_g.sq_norms[gallery_all])
+    g_aug = PreparedFeatures(all_g.augmented[gallery_all], all_g.sq_norms[gallery_all])
     buffer = torch.empty((min(rows, num_q), num_g), dtype=all_q.augmented.dtype)
     start = 0
     while start < num_q:
@@ -307,7 +310,7 @@ def k_reciprocal_distance_chunks(
         stop = min(num_q, start + min(rows, max(1, budget_rows)))
         overlap = _jaccard_overlap(v, by_column, start, stop, num_g)
         jaccard = 1.0 - overlap / (2.0 - overlap)
-        original = _distance_block(all_q, g_aug, start, stop, out=buffer).float()
+        original = distance_block(all_q, g_aug, start, stop, out=buffer).float()
         original /= torch.from_numpy(row_max[start:stop]).float().unsqueeze(1)
         final = jaccard.mul_(1.0 - lambda_value).add_(original, alpha=lambda_value)
         yield start, stop, final.numpy()
@@ -338,10 +341,10 @@ def evaluate_rank_reranked(
     chunk_size: int | None = None,
 ) -> RankResult:
     """``evaluate_rank`` on k-reciprocal re-ranked distances (same protocol, ties and errors), in bounded memory."""
-    _check_max_rank(max_rank)
+    check_max_rank(max_rank)
     num_q = len(q_feats)
     num_g = len(g_feats)
-    ids = _validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=num_q, num_gallery=num_g)
+    ids = validate_ids(q_pids, g_pids, q_camids, g_camids, num_queries=num_q, num_gallery=num_g)
     chunks = k_reciprocal_distance_chunks(
         q_feats, g_feats, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric, chunk_size=chunk_size
     )

@@ -5,7 +5,7 @@ blocks separated by 2×2 average pooling (no compression: the growth rate increa
 ``LearnedGroupConv`` 1×1 (in -> bottleneck·growth, G groups, condensation factor C) followed by BN-ReLU-Conv3×3 with G
 groups (-> growth), whose output is concatenated to its input.
 
-Re-ID decisions (METHOD.md §3): 256×128 inputs, BN-ReLU and adaptive average pooling after the last block, then a
+Re-ID decisions (docs/method.md §3): 256×128 inputs, BN-ReLU and adaptive average pooling after the last block, then a
 feature layer (Linear + BatchNorm1d, the retrieval feature) and an (N+1)-way classifier whose last class,
 ``distractor_class = num_classes``, receives the synthesised distractor images.
 
@@ -216,7 +216,18 @@ class CondenseNet(nn.Module):
         return apply_condensation(self, progress=progress)
 
 
-@register_model("condensenet74")
+def _min_side(side: int, name: str):
+    """An input check: the stem halves the input and every block after the first halves it again."""
+
+    def check(image_size: tuple[int, int]) -> None:
+        h, w = image_size
+        if min(h, w) < side:
+            raise ValueError(f"{name} needs sides of at least {side} px, got {h}×{w}")
+
+    return check
+
+
+@register_model("condensenet74", role="reid", check_size=_min_side(32, "condensenet74"))
 def condensenet74(*, num_classes: int, feature_dim: int = 512, dropout_rate: float = 0.0) -> CondenseNet:
     """CondenseNet-74 (ImageNet recipe): stages 4-6-8-10-8, growth 8-16-32-64-128, G = C = 4; 2064 pooled channels."""
     return CondenseNet(
@@ -230,7 +241,7 @@ def condensenet74(*, num_classes: int, feature_dim: int = 512, dropout_rate: flo
     )
 
 
-@register_model("condensenet_tiny")
+@register_model("condensenet_tiny", role="reid", check_size=_min_side(4, "condensenet_tiny"))
 def condensenet_tiny(*, num_classes: int, feature_dim: int = 16, dropout_rate: float = 0.0) -> CondenseNet:
     """Test variant: two blocks of two layers, growth 4-8, G = C = 4 (three condensing stages, as the full model)."""
     return CondenseNet(

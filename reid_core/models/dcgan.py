@@ -16,7 +16,7 @@ from torch import nn
 from reid_core.models import register_model
 
 
-def _stages(image_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+def dcgan_stages(image_size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """Number of stride-2 stages and the seed grid (h0, w0) for an (H, W) image."""
     h, w = image_size
     n = int(round(math.log2(h / 4))) if h >= 8 else 0
@@ -46,7 +46,7 @@ class Generator(nn.Module):
 
     def __init__(self, *, z_dim: int = 100, width: int = 64, image_size: tuple[int, int] = (64, 32), channels: int = 3):
         super().__init__()
-        n, (h0, w0) = _stages(tuple(image_size))
+        n, (h0, w0) = dcgan_stages(tuple(image_size))
         self.z_dim = z_dim
         self.image_size = tuple(image_size)
         c = width * 2 ** (n - 1)
@@ -78,7 +78,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, *, width: int = 64, image_size: tuple[int, int] = (64, 32), channels: int = 3):
         super().__init__()
-        n, (h0, w0) = _stages(tuple(image_size))
+        n, (h0, w0) = dcgan_stages(tuple(image_size))
         self.image_size = tuple(image_size)
         # (N, channels, H, W) -> (N, width, H/2, W/2); no batch norm on the input layer (DC-GAN recipe)
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
@@ -96,11 +96,11 @@ class Discriminator(nn.Module):
         return self.net(x).flatten()
 
 
-@register_model("dcgan_generator")
+@register_model("dcgan_generator", role="gan", check_size=dcgan_stages)
 def dcgan_generator(*, z_dim: int = 100, width: int = 64, image_size: tuple[int, int] = (64, 32), channels: int = 3):
     return Generator(z_dim=z_dim, width=width, image_size=image_size, channels=channels)
 
 
-@register_model("dcgan_discriminator")
+@register_model("dcgan_discriminator", role="gan", check_size=dcgan_stages)
 def dcgan_discriminator(*, width: int = 64, image_size: tuple[int, int] = (64, 32), channels: int = 3):
     return Discriminator(width=width, image_size=image_size, channels=channels)

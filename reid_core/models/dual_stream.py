@@ -2,7 +2,7 @@
 
 - Appearance stream: a modified LeNet-5 over the whole person image (64×64×3): blocks of Conv5×5-ReLU-MaxPool2 with
   batch norm after the pooling, then dropout and a fully connected embedding.
-- Face stream (METHOD.md §4 decision): the same kind of small CNN over the face crop (dlib box or the dataset's face
+- Face stream (docs/method.md §4 decision): the same kind of small CNN over the face crop (dlib box or the dataset's face
   tag), learned in tandem; its embedding (128-d by default) is all zeros for images without a face.
 - Face-presence head: a separate small CNN that scores whole person images, ``face_score(x) -> (N,) in [0, 1]``;
   trained with binary cross-entropy on face tags (``face_logit``), it is the differentiable face scorer F(x) of the
@@ -202,7 +202,13 @@ class DualStreamCNN(nn.Module):
         return self.classifier
 
 
-@register_model("dual_stream")
+def _square(image_size: tuple[int, int]) -> None:
+    h, w = image_size
+    if h != w:
+        raise ValueError(f"the Dual-Stream CNN reads square person images, got {h}×{w} (the paper: [64, 64])")
+
+
+@register_model("dual_stream", role="reid", check_size=_square)
 def dual_stream(
     *, num_classes: int, image_size: int = 64, face_size: int = 64, feature_dim: int = 256, dropout_rate: float = 0.4
 ) -> DualStreamCNN:
@@ -216,7 +222,7 @@ def dual_stream(
     )
 
 
-@register_model("dual_stream_tiny")
+@register_model("dual_stream_tiny", role="reid", check_size=_square)
 def dual_stream_tiny(
     *, num_classes: int, image_size: int = 16, face_size: int = 16, feature_dim: int = 16, dropout_rate: float = 0.4
 ) -> DualStreamCNN:

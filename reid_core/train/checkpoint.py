@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from reid_core import storage
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
@@ -119,15 +121,9 @@ def verify_checkpoint(directory: str | Path) -> dict:
 def earlier_checkpoints(checkpoint) -> list:
     """The run's checkpoints older than ``checkpoint`` (a ``ray.train.Checkpoint``), newest first: the sibling
     ``checkpoint_<timestamp>`` folders in the same storage folder, which Ray names in time order."""
-    from pyarrow.fs import FileSelector, FileType
-
     parent, name = posixpath.split(checkpoint.path.rstrip("/"))
-    infos = checkpoint.filesystem.get_file_info(FileSelector(parent))
-    older = sorted(
-        (i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
-         and i.base_name < name),
-        reverse=True,
-    )  # fmt: skip
+    folders = storage.list_subfolders(checkpoint.filesystem, parent, prefix="checkpoint_")
+    older = sorted((p for p in folders if posixpath.basename(p) < name), reverse=True)
     return [type(checkpoint)(path=p, filesystem=checkpoint.filesystem) for p in older]
 
 
@@ -141,12 +137,10 @@ def checkpoint_to_resume(registered, run_folder: str, filesystem=None):
     down) or a job stopped in between leave a newer checkpoint on storage than Ray knows. Its integrity is checked by
     ``restore_engines`` like any other's (a partial upload fails its manifests and the one before it is used).
     """
-    from pyarrow.fs import FileSelector, FileType, LocalFileSystem
     from ray.train import Checkpoint
 
-    filesystem = filesystem or LocalFileSystem()
-    infos = filesystem.get_file_info(FileSelector(run_folder.rstrip("/"), allow_not_found=True))
-    folders = sorted(i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+    filesystem = filesystem or storage.local_pyarrow_filesystem()
+    folders = storage.list_subfolders(filesystem, run_folder, prefix="checkpoint_")
     if not folders:
         return registered
     newest = folders[-1]

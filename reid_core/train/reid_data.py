@@ -1,4 +1,4 @@
-"""Training data of the re-ID job: real identities plus the synthesised distractor class (METHOD.md §2).
+"""Training data of the re-ID job: real identities plus the synthesised distractor class (docs/method.md §2).
 
 - ``read_distractor_set(uri)`` reads a set written by ``jobs/synthesize.py`` (``distractors.json``, ``manifest.csv``,
   ``images/``; the format is in that job's docstring). ``distractors.json`` is written last, so a folder without it is

@@ -47,7 +47,7 @@ class TorchUpdater:
 
 @dataclass(frozen=True)
 class Guidance:
-    """Face guidance of the GAN losses (METHOD.md §1; ``reid_core.guidance.losses``). λ1 = λ2 = 0: plain DC-GAN."""
+    """Face guidance of the GAN losses (docs/method.md §1; ``reid_core.guidance.losses``). λ1 = λ2 = 0: plain DC-GAN."""
 
     mode: str = "weighted"
     lambda1: float = 0.0
