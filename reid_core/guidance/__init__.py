@@ -11,6 +11,7 @@ from reid_core.guidance.faces import (
     FaceDetector,
     face_crop,
     face_crops,
+    person_crop_settings,
     upsample_for_height,
 )
 from reid_core.guidance.losses import GUIDANCE_MODES, discriminator_loss, generator_loss, validate_guidance
@@ -24,6 +25,7 @@ __all__ = [
     "face_crop",
     "face_crops",
     "generator_loss",
+    "person_crop_settings",
     "upsample_for_height",
     "validate_guidance",
 ]
