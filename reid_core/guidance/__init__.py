@@ -2,7 +2,8 @@
 
 - ``faces``: dlib's HOG frontal face detector over a thread pool -> Δ(x) (1 = no face), boxes, and face crops for
   the Dual-Stream face stream.
-- ``losses``: discriminator and generator losses in the modes ``paper``, ``weighted`` (default) and ``critic``.
+- ``losses``: discriminator and generator losses in the modes ``paper``, ``weighted`` (default),
+  ``critic`` and ``smoothing`` (the control: `weighted` with Δ fixed at 1).
 """
 
 from reid_core.guidance.faces import (
