@@ -199,3 +199,14 @@ def test_face_table_of_real_images_skips_bad_images(head, tmp_path):
             face_absent_table(records, detector, rank=0, world=1)
         table = face_absent_table(records, detector, rank=0, world=1, on_bad_image="skip")
     assert table.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_gan_config_global_batch_is_the_papers_64():
+    """configs/gan.yaml: optim.batch_size is per worker; workers × batch must be the paper's 64 at its lr of 2e-4."""
+    from pathlib import Path
+
+    from reid_core.config import GanJobConfig, load_config
+
+    cfg = load_config(GanJobConfig, Path(__file__).parents[1] / "configs" / "gan.yaml")
+    assert cfg.scaling.num_workers * cfg.optim.batch_size == 64
+    assert cfg.optim.lr == 2.0e-4
