@@ -308,7 +308,9 @@ def region_scale_sweep(astronaut: np.ndarray, threshold: float, sizes=((128, 64)
     head = astronaut[40:210, 140:310]  # the face, eyebrows to chin, is 88 of its 170 px
     settings = [(1.0, 2.0), (0.4, 3.3), (0.4, 3.6), (0.5, 3.3)]
     print("\n5. person crops: found of 4 per face size (eyebrows to chin), top share scanned R and zoom s")
-    print("| crop | R, s | " + " | ".join(f"{f} px" for f in (16, 20, 24, 28, "H/4")) + " | ms/crop | cost vs R=1, s=2 |")
+    print(
+        "| crop | R, s | " + " | ".join(f"{f} px" for f in (16, 20, 24, 28, "H/4")) + " | ms/crop | cost vs R=1, s=2 |"
+    )
     for h, w in sizes:
         base = None
         for region, zoom in settings:
