@@ -6,7 +6,9 @@ Measures, on scikit-image's astronaut photo (the only real face photo that ships
   2. the smallest face found in a synthetic person image, per image size, at the automatic upsampling;
   3. false detections on faceless images and on Gaussian-blurred faces;
   4. batch throughput: does dlib release the GIL (a Python thread's progress while dlib runs)? FaceDetector with a
-     thread pool vs in the calling thread, as speed-ups measured in the same run.
+     thread pool vs in the calling thread, as speed-ups measured in the same run;
+  5. the person-crop setting (``person_crop_settings``): recall on full-body crops against face size (eyebrows to
+     chin), scanned region (top share of the crop) and zoom, with the cost per crop against a whole-image pass at 2×.
 
     .venv/bin/python bench/face_detector.py [--quick] [--workers N]
 
@@ -301,6 +303,36 @@ def pool_speedup(astronaut: np.ndarray, batch: int, workers: int, threshold: flo
     pooled.close()
 
 
+def region_scale_sweep(astronaut: np.ndarray, threshold: float, sizes=((128, 64), (256, 128), (384, 192))) -> None:
+    """Section 5: faces found of 4 full-body crops (4 placements/backgrounds) per face size, region and zoom."""
+    head = astronaut[40:210, 140:310]  # the face, eyebrows to chin, is 88 of its 170 px
+    settings = [(1.0, 2.0), (0.4, 3.3), (0.4, 3.6), (0.5, 3.3)]
+    print("\n5. person crops: found of 4 per face size (eyebrows to chin), top share scanned R and zoom s")
+    print(
+        "| crop | R, s | " + " | ".join(f"{f} px" for f in (16, 20, 24, 28, "H/4")) + " | ms/crop | cost vs R=1, s=2 |"
+    )
+    for h, w in sizes:
+        base = None
+        for region, zoom in settings:
+            det = FaceDetector(scale=zoom, top_fraction=region, score_threshold=threshold, workers=0)
+            cells, seconds, n = [], 0.0, 0
+            for face in (16, 20, 24, 28, h // 4):
+                head_px = round(face * 170 / 88)
+                images = []
+                for k, shift in enumerate((0, 0.05, -0.05, 0.1)):
+                    img, _ = synthetic_person(h, w, head, head_px)
+                    img = np.roll(img, int(shift * h), axis=0) if shift else img
+                    img = np.ascontiguousarray(img[:, ::-1]) if k == 1 else img
+                    images.append((img.astype(int) * 7 // 10).astype(np.uint8) if k == 3 else img)
+                t0 = time.perf_counter()
+                found = sum(bool(b) for b in det.detect(images).boxes)
+                seconds, n = seconds + time.perf_counter() - t0, n + len(images)
+                cells.append(f"{found}/4")
+            ms = 1000 * seconds / n
+            base = base or ms
+            print(f"| {h}×{w} | {region:g}, {zoom:g} | " + " | ".join(cells) + f" | {ms:.1f} | {ms / base:.2f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch")
@@ -320,6 +352,7 @@ def main() -> None:
         threshold=args.threshold,
         rounds=2 if args.quick else 5,
     )
+    region_scale_sweep(astronaut, threshold=args.threshold)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ class FeatureWorker:
         if dual:
             from reid_core.guidance.faces import FaceDetector
 
-            self.detector = FaceDetector(workers=0)
+            self.detector = FaceDetector.for_person_crops(workers=0)
 
     def features(self, index: int, records: list) -> tuple[int, np.ndarray, int]:
         """(index, (len(records), D) float32 L2-normalised features, faces found: Dual-Stream only, else -1)."""

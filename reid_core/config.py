@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 LAYOUTS = ("msmt17", "market1501", "flima")
-GUIDANCE_MODES = ("paper", "weighted", "critic")
+GUIDANCE_MODES = ("paper", "weighted", "critic", "smoothing")
 PRECISIONS = ("fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
@@ -49,7 +49,7 @@ class GanModelConfig:
 class GuidanceConfig:
     """Face guidance of the discriminator losses (docs/method.md §1); λ1 = λ2 = 0 is the plain DC-GAN."""
 
-    mode: str = "weighted"  # paper | weighted | critic
+    mode: str = "weighted"  # paper | weighted | critic | smoothing (weighted with Δ fixed at 1: the control)
     lambda1: float = 0.0  # weight of Δ on real images
     lambda2: float = 0.0  # weight of Δ on generated images
     detector_workers: int = 0  # dlib detector processes per training worker (0: in the training process)

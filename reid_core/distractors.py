@@ -162,14 +162,14 @@ def encode_image(image: np.ndarray, image_format: str) -> bytes:
 
 
 def face_detector_settings(image_size: tuple[int, int]) -> dict:
-    """FaceDetector keyword arguments for generated images of ``image_size`` (H, W).
+    """FaceDetector keyword arguments for generated images of ``image_size`` (H, W): the one person-crop setting of
+    ``reid_core.guidance.faces.person_crop_settings`` (it handles every size, stretched 128×128 persons included)."""
+    from reid_core.guidance.faces import person_crop_settings
 
-    Person crops are about 2:1; a generator trained on crops resized to another shape (128×128 in the paper's recipe)
-    draws faces stretched the same way, which the HOG detector misses (docs/face_detector.md): those images are given
-    their 2:1 shape back before detection.
-    """
     h, w = image_size
-    return {"resize_to": None if w * 2 == h else (h, max(1, h // 2))}
+    if h < 1 or w < 1:
+        raise ValueError(f"face_detector_settings: image size must be (H, W) in pixels; got {image_size!r}")
+    return person_crop_settings()
 
 
 # ----------------------------------------------------------------------------------------------- one range of images
@@ -440,10 +440,11 @@ def synthesize(args: SynthesisSpec, generator: nn.Module, z_dim: int, settings: 
         raise RuntimeError(f"internal error: {len(rows)} manifest rows for {args.num_images} images")
     detector = FaceDetector(workers=0, **detector_kwargs)  # for its settings only: no pool starts
     detector_meta = {
-        "name": "dlib HOG frontal face detector (reid_core.guidance.faces.FaceDetector)",
-        "upsample": detector.upsample_for(image_size[0]),
+        "name": "dlib HOG frontal face detector (reid_core.guidance.faces.FaceDetector.for_person_crops)",
+        "scale": detector.scale_for(image_size[0]),
+        "top_fraction": detector.top_fraction,
         "score_threshold": detector.score_threshold,
-        "resize_to": list(detector.resize_to) if detector.resize_to else None,
+        "resize_to": list(rs) if (rs := detector.detect_size(*image_size)) else None,
     }
     seconds = time.perf_counter() - t0
     return {"rows": rows, "image_size": image_size, "z_dim": z_dim, "mode": mode, "seconds": seconds,

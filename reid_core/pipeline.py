@@ -349,7 +349,7 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
         from reid_core.train.reid_data import face_boxes as find_face_boxes
 
         records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector(workers=None) as detector:
+        with FaceDetector.for_person_crops(workers=None) as detector:
             found = find_face_boxes(records, detector, settings=settings)
         face_boxes = {r: found[i] for i, r in enumerate(records)}
         example = torch.randn(2, 6, h, h, generator=torch.Generator().manual_seed(0))

@@ -40,7 +40,7 @@ def test_shipped_configs_are_valid(name):
         ("optim:\n  epochs: true\n", [], "optim.epochs: expected int"),
         ("guidance:\n  lambda1: 1.5\n", [], "guidance.lambda1: 1.5 is outside [0, 1]"),
         ("", ["guidance.lambda2=-0.1"], "guidance.lambda2: -0.1 is outside [0, 1]"),
-        ("", ["guidance.mode=magic"], "guidance.mode: 'magic' is not one of paper, weighted, critic"),
+        ("", ["guidance.mode=magic"], "guidance.mode: 'magic' is not one of paper, weighted, critic, smoothing"),
         ("", ["data.layout=cuhk"], "data.layout: 'cuhk' is not one of msmt17, market1501, flima"),
         ("", ["data.image_size=[100,50]"], "data.image_size"),
         ("", ["data.uri=''"], "data.uri: missing dataset location"),

@@ -77,7 +77,7 @@ def blur(image: np.ndarray, sigma: float) -> np.ndarray:
 def test_face_found_on_the_astronaut(astronaut):
     result = FaceDetector(workers=0).detect([astronaut])
     assert result.face_absent.tolist() == [0.0]
-    assert result.upsample == [0]
+    assert result.scale == [1.0]
     assert len(result.boxes[0]) == 1
     assert centre_inside(result.boxes[0][0], ASTRONAUT_FACE)
     assert result.scores[0][0] > 1.0
@@ -88,7 +88,7 @@ def test_face_found_when_the_head_is_pasted_small_into_a_person_image(head):
     image, head_box = person_image(128, 64, head, 40)
     detector = FaceDetector(workers=0)
     result = detector.detect(to_gan_tensor([image]))
-    assert result.upsample == [2]
+    assert result.scale == [4.0]
     assert result.face_absent.tolist() == [0.0]
     assert centre_inside(result.boxes[0][0], head_box)
     # the face is too small for the detector without upsampling
@@ -98,7 +98,7 @@ def test_face_found_when_the_head_is_pasted_small_into_a_person_image(head):
 def test_face_found_in_larger_person_images_with_the_automatic_upsampling(head):
     image, head_box = person_image(256, 128, head, 80)
     result = FaceDetector(workers=0).detect([Image.fromarray(image)])  # PIL input
-    assert result.upsample == [1]
+    assert result.scale == [2.0]
     assert result.face_absent.tolist() == [0.0]
     assert centre_inside(result.boxes[0][0], head_box)
 
@@ -198,7 +198,7 @@ def test_empty_batch_and_mixed_sizes(head):
     assert len(empty) == 0 and empty.face_absent.shape == (0,)
     mixed = [person_image(128, 64, head, 40)[0], person_image(256, 128, head, 80)[0], np.zeros((64, 64), np.uint8)]
     result = FaceDetector(workers=0).detect(mixed)
-    assert result.upsample == [2, 1, 3]
+    assert result.scale == [4.0, 2.0, 8.0]
     assert result.face_absent.tolist() == [0.0, 0.0, 1.0]
 
 
@@ -259,7 +259,7 @@ def test_detections_helpers():
         face_absent=torch.tensor([0.0, 1.0, 0.0, 0.0]),
         boxes=[[(1, 2, 3, 4), (5, 6, 7, 8)], [], [(0, 0, 1, 1)], [(2, 2, 4, 4)]],
         scores=[[0.9, 0.2], [], [0.5], [0.4]],
-        upsample=[2, 2, 2, 2],
+        scale=[4.0, 4.0, 4.0, 4.0],
     )
     assert result.face_rate == 0.75
     assert result.best_boxes() == [(1, 2, 3, 4), None, (0, 0, 1, 1), (2, 2, 4, 4)]

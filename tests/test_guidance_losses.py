@@ -203,6 +203,30 @@ def test_weighted_mode_with_faces_everywhere_equals_plain_dcgan(gan):
     assert not all_equal(faceless_grads, plain_grads)
 
 
+def test_smoothing_is_weighted_with_delta_fixed_at_one():
+    """The control: `smoothing` equals `weighted` fed Δ = 1 everywhere, whatever Δ the detector gave; only the
+    logged Δ rates differ."""
+    torch.manual_seed(2)
+    real = torch.randn(8, requires_grad=True)
+    fake = torch.randn(8, requires_grad=True)
+    dr = torch.tensor([0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.float32)
+    df = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0], dtype=torch.float32)
+    ones = torch.ones(8)
+    smooth, logs = discriminator_loss(real, fake, dr, df, mode="smoothing", lambda1=0.05, lambda2=0.5)
+    control, _ = discriminator_loss(real, fake, ones, ones, mode="weighted", lambda1=0.05, lambda2=0.5)
+    guided, _ = discriminator_loss(real, fake, dr, df, mode="weighted", lambda1=0.05, lambda2=0.5)
+    assert smooth.item() == control.item() != guided.item()
+    g_smooth = torch.autograd.grad(smooth, (real, fake))
+    g_control = torch.autograd.grad(control, (real, fake))
+    assert all(torch.equal(a, b) for a, b in zip(g_smooth, g_control, strict=True))
+    # one-sided label smoothing: every real target is 1 − λ1, so d/dℓ = (σ(ℓ) − 0.95)/m for every real logit
+    assert torch.allclose(g_smooth[0], (torch.sigmoid(real.detach()) - 0.95) / 8, atol=1e-7)
+    assert logs["face_absent_real"] == pytest.approx(3 / 8) and logs["face_absent_fake"] == pytest.approx(3 / 8)
+    # the generator side is the plain DC-GAN's, as in `weighted`
+    s_g, _ = generator_loss(fake, mode="smoothing", lambda2=0.5)
+    assert s_g.item() == plain_g_loss(fake).item()
+
+
 def test_weighted_is_the_default_mode():
     real, fake = torch.tensor([0.3, -0.2]), torch.tensor([0.1, 0.4])
     dr, df = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])

@@ -204,12 +204,11 @@ def test_pack_dataset_job_input_errors_in_one_line(s3_url, capsys):
 
 def test_gan_loop_face_table_reads_packed_records(packed_msmt17):
     """The GAN loop's Δ table reads through ``read_record_bytes`` too: the same Δ from the pack as from the tree."""
-    from reid_core.guidance.faces import FaceDetector
-    from reid_core.train.loops import face_absent_table
+    from reid_core.train.loops import face_absent_table, gan_face_detector
 
     src, out, _ = packed_msmt17
     plain, packed = read_layout(src, "msmt17").query, read_layout(out, "msmt17").query
-    with FaceDetector(workers=0) as detector:
+    with gan_face_detector(0) as detector:
         a = face_absent_table(plain, detector, rank=0, world=1)
         b = face_absent_table(packed, detector, rank=0, world=1)
     assert torch.equal(a, b) and 0 < float(a.mean()) < 1  # some with a face, some without

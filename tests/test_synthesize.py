@@ -157,10 +157,10 @@ class FaceOrNot(nn.Module):
         for with_face in (False, True):
             img = np.empty((128, 64, 3), np.uint8)
             img[:] = np.linspace(150, 90, 128, dtype=np.uint8)[:, None, None]
-            img[38:84, 13:51] = (40, 60, 150)
+            img[44:84, 13:51] = (40, 60, 150)
             img[84:, 18:46] = (35, 35, 40)
-            face = np.asarray(Image.fromarray(head).resize((32, 32), Image.LANCZOS)) if with_face else (200, 160, 130)
-            img[6:38, 16:48] = face  # a head of H/4, its face about H/8: found at the automatic upsampling
+            face = np.asarray(Image.fromarray(head).resize((40, 40), Image.LANCZOS)) if with_face else (200, 160, 130)
+            img[4:44, 12:52] = face  # a head of 40 px, its face (eyebrows to chin) about 21 px: found
             images.append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
         self.register_buffer("images", torch.stack(images))
 
@@ -176,7 +176,7 @@ def read_rows(folder: Path) -> list[dict]:
 def test_synthesize_range_writes_images_and_face_flags(tmp_path):
     gen = FaceOrNot()
     params = dict(num_images=20, seed=5, z_dim=8, batch_size=8, image_format="jpeg")
-    with FaceDetector(workers=0) as detector:
+    with FaceDetector.for_person_crops(workers=0) as detector:
         rows = job.synthesize_range(gen, start=0, stop=20, out=str(tmp_path), detector=detector, **params)
     z = job.image_noise(5, range(20), 8)
     assert [r[1] for r in rows] == list(range(20)) and {r[2] for r in rows} == {5}
@@ -197,7 +197,7 @@ def test_same_images_whatever_the_chunking(tmp_path):
         build_model("dcgan_generator", z_dim=16, width=8, image_size=(64, 32)), seed=0, z_dim=16, samples=128
     )
     params = dict(num_images=24, seed=11, z_dim=16, batch_size=4, image_format="png")
-    with FaceDetector(workers=0) as detector:
+    with FaceDetector.for_person_crops(workers=0) as detector:
         one = job.synthesize_range(gen, start=0, stop=24, out=str(tmp_path / "one"), detector=detector, **params)
         three = [
             row
@@ -312,7 +312,7 @@ def test_job_writes_the_distractor_set_on_ray_and_logs_it(services_stack, s3_ser
     faces = sum(r["face_absent"] == "0" for r in rows)
     assert meta["format"] == "reid-distractors/1" and meta["num_images"] == n and meta["image_size"] == [64, 32]
     assert meta["image_format"] == "jpeg" and meta["seed"] == 3 and meta["z_dim"] == 16
-    assert meta["batch_norm"] == "standing" and meta["face_detector"]["upsample"] == 3  # 64×32: ×8
+    assert meta["batch_norm"] == "standing" and meta["face_detector"]["scale"] == 3.3  # the person-crop setting
     assert meta["faces"] == faces and meta["face_rate"] == pytest.approx(faces / n)
     assert meta["generator"]["name"] == name and meta["generator"]["version"] == registered_generator["version"]
     assert meta["generator"]["run_id"] == registered_generator["run_id"]

@@ -96,7 +96,7 @@ def test_face_tag_matches_what_dlib_finds():
     spec = SyntheticSpec(ids=6, cameras=3, images_per_id=8, sessions=2, face_share=0.5, seed=11)
     items = plan(spec, "flima")[:40]
     images = [load_image(jpeg_bytes(render(spec, item)), path=item.rel) for item in items]
-    with FaceDetector(workers=2) as detector:
+    with FaceDetector.for_person_crops(workers=2) as detector:  # the setting the GAN loop uses on these images
         found = (1 - detector.detect(images).face_absent).bool().tolist()
     tagged = [f for f, item in zip(found, items, strict=True) if item.face]
     untagged = [f for f, item in zip(found, items, strict=True) if not item.face]

@@ -2,7 +2,8 @@
 
 - ``faces``: dlib's HOG frontal face detector over a thread pool -> Δ(x) (1 = no face), boxes, and face crops for
   the Dual-Stream face stream.
-- ``losses``: discriminator and generator losses in the modes ``paper``, ``weighted`` (default) and ``critic``.
+- ``losses``: discriminator and generator losses in the modes ``paper``, ``weighted`` (default),
+  ``critic`` and ``smoothing`` (the control: `weighted` with Δ fixed at 1).
 """
 
 from reid_core.guidance.faces import (
@@ -11,6 +12,7 @@ from reid_core.guidance.faces import (
     FaceDetector,
     face_crop,
     face_crops,
+    person_crop_settings,
     upsample_for_height,
 )
 from reid_core.guidance.losses import GUIDANCE_MODES, discriminator_loss, generator_loss, validate_guidance
@@ -24,6 +26,7 @@ __all__ = [
     "face_crop",
     "face_crops",
     "generator_loss",
+    "person_crop_settings",
     "upsample_for_height",
     "validate_guidance",
 ]

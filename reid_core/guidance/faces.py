@@ -50,6 +50,20 @@ MAX_AUTO_UPSAMPLE = 3
 # 0.12-0.13, while true faces at 128×64 and larger score ≥ 0.26 (64×32 faces score −0.3-0.5: some are lost).
 DEFAULT_SCORE_THRESHOLD = 0.15
 
+# --- the one setting for person crops (real images, GAN samples, distractors, Dual-Stream, evaluation) --------------
+# Smallest face looked for in a person crop, eyebrows to chin, in pixels of the image as given. HOG finds nothing
+# below ~16 px at any zoom (docs/face_detector.md §2).
+PERSON_MIN_FACE_PX = 20
+# Zoom of the head region: a 20 px face becomes 66 px, above what dlib finds (64 px; 58 px faces are found at times).
+PERSON_SCALE = 3.3
+# Share of the crop, from its top, where a head can be: full-body faces sit in the top fifth; 0.4 leaves room for
+# shifted crops and for the 80×80 HOG window's context. Zooming only this part by 3.3 costs 0.4·3.3²/4 ≈ 1.1× a
+# whole-image pass at 2×.
+PERSON_TOP_FRACTION = 0.4
+# Persons drawn into a square (the paper's 128×128) are stretched sideways; HOG misses stretched faces. Images with
+# H/W below this are given a 2:1 shape back before detection.
+STRETCHED_BELOW = 1.5
+
 
 def upsample_for_height(height: int, *, min_face_fraction: float = DEFAULT_MIN_FACE_FRACTION) -> int:
     """Upsampling steps u (each doubles the image) to find faces of ``min_face_fraction · height`` px or taller.
@@ -77,13 +91,14 @@ class FaceDetections:
     face_absent: (N,) float32 on the CPU, Δ(x): 1.0 when no face was found in image i, else 0.0.
     boxes: per image, the faces found, ``(left, top, right, bottom)`` in input pixels, highest score first.
     scores: per image, the detector scores of ``boxes`` (dlib's SVM margin; all ≥ the score threshold).
-    upsample: per image, the upsampling steps used (the image was resized by 2^u before detection).
+    scale: per image, the zoom used (the image, or its scanned top part, was resized by this factor; 2^u for
+        ``upsample=u``).
     """
 
     face_absent: torch.Tensor
     boxes: list[list[Box]]
     scores: list[list[float]]
-    upsample: list[int]
+    scale: list[float]
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -100,21 +115,40 @@ class FaceDetections:
         return [b[0] if b else None for b in self.boxes]
 
 
+def person_crop_settings() -> dict:
+    """``FaceDetector`` keyword arguments for person crops: THE setting wherever Δ(x) or face boxes are computed
+    (real images and fakes in the GAN loop, distractor synthesis, the Dual-Stream streams, evaluation).
+
+    Per image, from its size: an image with H/W < 1.5 (a person stretched into a square) is given a 2:1 shape back;
+    then the top 40 % of the crop (where a head can be) is zoomed 3.3× (bicubic) and scanned. Faces of about 20 px
+    (eyebrows to chin) and larger are found at every crop size; the cost is about that of one whole-image pass at 2×.
+    """
+    return {"scale": PERSON_SCALE, "top_fraction": PERSON_TOP_FRACTION, "restore_aspect": True}
+
+
 def _detect_image(
     detector: dlib.fhog_object_detector,
     image: np.ndarray,
-    upsample: int,
+    zoom: float,
     resize_to: tuple[int, int] | None,
     threshold: float,
+    top_fraction: float = 1.0,
 ) -> tuple[list[Box], list[float]]:
-    """Faces in one uint8 (H, W, 3) or (H, W) image -> (boxes, scores), best first."""
+    """Faces in one uint8 (H, W, 3) or (H, W) image -> (boxes, scores), best first.
+
+    The image is resized to ``resize_to`` (H, W) (or kept), its top ``top_fraction`` is kept, and that part is zoomed
+    by ``zoom``; boxes come back in the input's pixels.
+    """
     h, w = image.shape[:2]
     dh, dw = resize_to if resize_to is not None else (h, w)
-    th, tw = dh * 2**upsample, dw * 2**upsample
-    if (th, tw) != (h, w):
+    rows = max(1, round(h * top_fraction))  # input rows scanned
+    th, tw = max(1, round(dh * top_fraction * zoom)), max(1, round(dw * zoom))
+    if rows != h:
+        image = image[:rows]
+    if (th, tw) != image.shape[:2]:
         image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
-    rects, scores, _ = detector.run(image, 0, threshold)
-    sx, sy = w / tw, h / th
+    rects, scores, _ = detector.run(np.ascontiguousarray(image), 0, threshold)
+    sx, sy = w / tw, rows / th
     found = []
     for r, s in zip(rects, scores, strict=True):
         if s < threshold:
@@ -124,7 +158,7 @@ def _detect_image(
             min(max(r.left() * sx, 0.0), w),
             min(max(r.top() * sy, 0.0), h),
             min(max((r.right() + 1) * sx, 0.0), w),
-            min(max((r.bottom() + 1) * sy, 0.0), h),
+            min(max((r.bottom() + 1) * sy, 0.0), rows),
         )
         found.append((float(s), box))
     found.sort(key=lambda f: -f[0])
@@ -184,6 +218,13 @@ class FaceDetector:
     resize_to: (H, W) to resize every image to before upsampling (bicubic), e.g. (128, 64) to give 128×128 GAN
         images of 2:1 persons their shape back: the detector misses horizontally stretched faces. Boxes are still
         reported in the input's coordinates.
+    scale: a zoom factor (bicubic) used instead of ``upsample``/``min_face_fraction`` for every image.
+    top_fraction: scan only this top share of each image (after ``resize_to``), e.g. the head region of a person crop.
+    restore_aspect: give every image with H/W < 1.5 (a 2:1 person stretched into a square) a 2:1 shape before
+        detection (per image; ``resize_to`` does it for a fixed size).
+
+    For person crops use ``FaceDetector.for_person_crops()``: the one setting used wherever Δ or face boxes are
+    computed (``person_crop_settings``).
 
     The threads start on first use and live until ``close()`` (or the end of a ``with`` block, or garbage collection).
     ``submit`` returns a Future, so that detection on generated images overlaps with the discriminator's work.
@@ -198,6 +239,9 @@ class FaceDetector:
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         workers: int | None = None,
         resize_to: tuple[int, int] | None = None,
+        scale: float | None = None,
+        top_fraction: float = 1.0,
+        restore_aspect: bool = False,
     ):
         if upsample is not None and (isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 0):
             raise ValueError(f"FaceDetector: upsample must be None (automatic) or an integer ≥ 0; got {upsample!r}")
@@ -214,12 +258,42 @@ class FaceDetector:
                 raise ValueError(
                     f"FaceDetector: resize_to must be None or (height, width) in pixels; got {resize_to!r}"
                 )
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale <= 16):
+            raise ValueError(f"FaceDetector: scale must be None or a zoom factor in (0, 16]; got {scale!r}")
+        if scale is not None and upsample is not None:
+            raise ValueError("FaceDetector: give either upsample (steps of 2×) or scale (a zoom factor), not both")
+        if isinstance(top_fraction, bool) or not isinstance(top_fraction, int | float) or not 0 < top_fraction <= 1:
+            raise ValueError(
+                f"FaceDetector: top_fraction is the top share of each image to scan, in (0, 1]; got {top_fraction!r}"
+            )
+        if restore_aspect and resize_to is not None:
+            raise ValueError("FaceDetector: give either resize_to (a fixed size) or restore_aspect, not both")
         self.upsample = upsample
+        self.scale = None if scale is None else float(scale)
+        self.top_fraction = float(top_fraction)
+        self.restore_aspect = bool(restore_aspect)
         self.min_face_fraction = float(min_face_fraction)
         self.score_threshold = float(score_threshold)
         self.workers = workers
         self.resize_to = resize_to
         self._init_runtime()
+
+    @classmethod
+    def for_person_crops(cls, *, workers: int | None = None, **overrides) -> FaceDetector:
+        """The detector for person crops of any size (``person_crop_settings``); ``overrides`` for experiments."""
+        return cls(workers=workers, **{**person_crop_settings(), **overrides})
+
+    def settings(self) -> dict:
+        """The detection settings, as logged with results (JSON-friendly)."""
+        return {
+            "upsample": self.upsample,
+            "min_face_fraction": self.min_face_fraction,
+            "scale": self.scale,
+            "top_fraction": self.top_fraction,
+            "restore_aspect": self.restore_aspect,
+            "resize_to": list(self.resize_to) if self.resize_to else None,
+            "score_threshold": self.score_threshold,
+        }
 
     def _init_runtime(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
@@ -269,15 +343,33 @@ class FaceDetector:
             detector = self._per_thread.detector = dlib.get_frontal_face_detector()
         return detector
 
-    def _detect_one(self, image: np.ndarray, upsample: int) -> tuple[list[Box], list[float]]:
-        return _detect_image(self._thread_detector(), image, upsample, self.resize_to, self.score_threshold)
+    def _detect_one(self, image: np.ndarray, zoom: float) -> tuple[list[Box], list[float]]:
+        return _detect_image(
+            self._thread_detector(), image, zoom, self.detect_size(*image.shape[:2]), self.score_threshold,
+            self.top_fraction,
+        )  # fmt: skip
+
+    def detect_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The (H, W) an image of this size is resized to before zooming, or None to keep it."""
+        if self.resize_to is not None:
+            return self.resize_to
+        if self.restore_aspect and height < STRETCHED_BELOW * width:
+            return (height, max(1, round(height / 2)))
+        return None
 
     def upsample_for(self, height: int) -> int:
-        """The upsampling steps this detector uses for an image of ``height`` px (after ``resize_to``)."""
+        """The upsampling steps (2^u) this detector uses for an image of ``height`` px (after ``resize_to``); with
+        ``scale`` set, the nearest whole number of steps (see ``scale_for``)."""
+        if self.scale is not None:
+            return max(0, round(math.log2(self.scale)))
         if self.upsample is not None:
             return self.upsample
         height = self.resize_to[0] if self.resize_to is not None else height
         return upsample_for_height(height, min_face_fraction=self.min_face_fraction)
+
+    def scale_for(self, height: int) -> float:
+        """The zoom this detector applies to an image of ``height`` px (after ``resize_to``)."""
+        return self.scale if self.scale is not None else float(2 ** self.upsample_for(height))
 
     def detect(
         self,
@@ -301,12 +393,12 @@ class FaceDetector:
             before this returns, so the caller may change or free them at once.
         """
         arrays = images_to_uint8(images, value_range=value_range)
-        upsamples = [self.upsample_for(a.shape[0]) for a in arrays]
+        zooms = [self.scale_for(a.shape[0]) for a in arrays]
         out: Future[FaceDetections] = Future()
         if self.workers == 0 or not arrays:
             try:
-                found = [self._detect_one(a, u) for a, u in zip(arrays, upsamples, strict=True)]
-                out.set_result(self._assemble(found, upsamples))
+                found = [self._detect_one(a, u) for a, u in zip(arrays, zooms, strict=True)]
+                out.set_result(self._assemble(found, zooms))
             except Exception as e:  # delivered through the Future, as from the threads
                 out.set_exception(e)
             return out
@@ -314,7 +406,7 @@ class FaceDetector:
         # One task per image: the threads balance images of different sizes, and a task costs ~10 µs against ~16 ms
         # of detection.
         executor = self._get_executor()
-        tasks = [executor.submit(self._detect_one, a, u) for a, u in zip(arrays, upsamples, strict=True)]
+        tasks = [executor.submit(self._detect_one, a, u) for a, u in zip(arrays, zooms, strict=True)]
         remaining = [len(tasks)]
         lock = threading.Lock()
 
@@ -324,7 +416,7 @@ class FaceDetector:
                 if remaining[0]:
                     return
             try:
-                out.set_result(self._assemble([t.result() for t in tasks], upsamples))
+                out.set_result(self._assemble([t.result() for t in tasks], zooms))
             except BaseException as e:  # a failed or cancelled image fails the batch
                 out.set_exception(e)
 
@@ -333,13 +425,13 @@ class FaceDetector:
         return out
 
     @staticmethod
-    def _assemble(found: list[tuple[list[Box], list[float]]], upsamples: list[int]) -> FaceDetections:
+    def _assemble(found: list[tuple[list[Box], list[float]]], zooms: list[float]) -> FaceDetections:
         absent = torch.tensor([0.0 if boxes else 1.0 for boxes, _ in found], dtype=torch.float32)
         return FaceDetections(
             face_absent=absent,
             boxes=[boxes for boxes, _ in found],
             scores=[scores for _, scores in found],
-            upsample=list(upsamples),
+            scale=list(zooms),
         )
 
 

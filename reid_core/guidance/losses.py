@@ -1,4 +1,5 @@
-"""Face-guided DC-GAN losses: the modes `paper`, `weighted` and `critic` of docs/method.md §1.
+"""Face-guided DC-GAN losses: the modes `paper`, `weighted` and `critic` of docs/method.md §1, and
+`smoothing`, the label-smoothing control of `weighted`.
 
 Notation (per batch of m real images x and m' generated images G(z)): the discriminator returns logits ℓ, D = σ(ℓ);
 Δ ∈ [0, 1] per image is "no face" (the detector's 0/1, or 1 − F(x) with the face-presence score F in `critic` mode).
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-GUIDANCE_MODES = ("paper", "weighted", "critic")
+GUIDANCE_MODES = ("paper", "weighted", "critic", "smoothing")
 
 
 def validate_guidance(*, mode: str, lambda1: float, lambda2: float) -> None:
@@ -88,6 +89,9 @@ def discriminator_loss(
         by the sum of weights).
       - ``critic``: the `weighted` formula with Δ = 1 − F(·), F the differentiable face-presence score; the generator
         side of the critic is in ``generator_loss``.
+      - ``smoothing``: the control for `weighted`: its formula with Δ fixed at 1 for every image, i.e. one-sided label
+        smoothing (real target 1 − λ1) and a uniform (1 + λ2) weight on the fake term. The Δ given are only logged.
+        An effect of `weighted` λ1 that `smoothing` with the same λ1 also shows is smoothing, not face guidance.
 
     Returns (loss, logs). logs (floats): ``loss_d`` (this loss), ``loss_d_plain`` (L_D), ``loss_d_penalised``,
     ``paper_l_dx``, ``paper_l_dz``, ``d_real`` / ``d_fake`` (mean D(x), mean D(G(z))), ``face_absent_real`` /
@@ -113,10 +117,14 @@ def discriminator_loss(
     if mode == "paper":
         # The plain loss plus a constant: the same graph, so the same gradients.
         loss = loss_plain - lambda1 * delta_real.mean() + lambda2 * delta_fake.mean()
-    else:  # weighted, critic
-        loss_real = F.binary_cross_entropy_with_logits(real_logits, 1.0 - lambda1 * delta_real)
+    else:  # weighted, critic, smoothing
+        if mode == "smoothing":
+            delta_real_loss, delta_fake_loss = torch.ones_like(delta_real), torch.ones_like(delta_fake)
+        else:
+            delta_real_loss, delta_fake_loss = delta_real, delta_fake
+        loss_real = F.binary_cross_entropy_with_logits(real_logits, 1.0 - lambda1 * delta_real_loss)
         loss_fake = F.binary_cross_entropy_with_logits(
-            fake_logits, torch.zeros_like(fake_logits), weight=1.0 + lambda2 * delta_fake
+            fake_logits, torch.zeros_like(fake_logits), weight=1.0 + lambda2 * delta_fake_loss
         )
         loss = loss_real + loss_fake
 

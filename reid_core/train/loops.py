@@ -100,7 +100,6 @@ def train_gan_loop(loop_config: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
-    from reid_core.guidance.faces import FaceDetector
     from reid_core.models import build_model
     from reid_core.train.checkpoint import restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
@@ -163,9 +162,9 @@ def train_gan_loop(loop_config: dict) -> None:
     gen, disc, critic = engines["generator"], engines["discriminator"], engines.get("critic")
 
     # --- Δ(x) of every real image, once: on the original image (where a face is detectable), split across ranks
-    detector = FaceDetector(workers=cfg.guidance.detector_workers)
+    detector = gan_face_detector(cfg.guidance.detector_workers)
     t_delta = time.perf_counter()
-    face_absent_real = face_absent_table(records, detector, rank=rank, world=world)
+    face_absent_real = face_absent_table(records, detector, rank=rank, world=world, on_bad_image=cfg.data.on_bad_image)
     log.info("rank %d: Δ of %d real images in %.1f s (share without a face: %.3f)", rank, len(records),
              time.perf_counter() - t_delta, float(face_absent_real.mean()))  # fmt: skip
 
@@ -217,21 +216,63 @@ def train_gan_loop(loop_config: dict) -> None:
         epoch_log.close(cfg.tracking.flush_seconds)
 
 
-def face_absent_table(records, detector, *, rank: int, world: int, chunk: int = 64) -> torch.Tensor:
-    """Δ (1 = no face) of every record's original image, (len(records),) float32: each rank detects its share
-    (records rank, rank + world, ...), then the shares are all-gathered so every rank holds the whole table."""
+def gan_face_detector(workers: int | None):
+    """The GAN loop's Δ for real images and fakes: the one person-crop setting (``FaceDetector.for_person_crops``),
+    the same as distractor synthesis (``distractors.face_detector_settings``) and evaluation."""
+    from reid_core.guidance.faces import FaceDetector
+
+    return FaceDetector.for_person_crops(workers=workers)
+
+
+def face_absent_table(
+    records, detector, *, rank: int, world: int, chunk: int = 64, on_bad_image: str = "raise"
+) -> torch.Tensor:
+    """Δ (1 = no face) of every record's original image (its person box when it has one), (len(records),) float32:
+    each rank detects its share (records rank, rank + world, ...), then the shares are all-gathered so every rank
+    holds the whole table.
+
+    on_bad_image: ``data.on_bad_image``. With ``"skip"`` a missing or undecodable image gets Δ = 1 and a warning
+    (the data loader replaces it by another image, so its Δ is never used); with ``"raise"`` it fails here, naming it.
+    """
     import torch.distributed as dist
 
-    from reid_core.data import load_image
+    from reid_core.data import BadImageError, load_image
+    from reid_core.data.dataset import _crop
     from reid_core.data.shards import read_record_bytes
 
     mine = list(range(rank, len(records), world))
     values = torch.ones(len(records))
+    bad = 0
     for start in range(0, len(mine), chunk):
         idx = mine[start : start + chunk]
-        data = read_record_bytes([records[i] for i in idx])  # plain objects or packed shards alike
-        images = [load_image(data[records[i].path], path=records[i].path) for i in idx]
-        values[idx] = detector.detect(images).face_absent
+        try:
+            data = read_record_bytes([records[i] for i in idx])  # plain objects or packed shards alike
+        except FileNotFoundError:
+            if on_bad_image != "skip":
+                raise
+            data = {}  # read one by one to tell which are missing
+            for i in idx:
+                try:
+                    data.update(read_record_bytes([records[i]]))
+                except FileNotFoundError:
+                    pass
+        images, found = [], []
+        for i in idx:
+            r = records[i]
+            try:
+                if r.path not in data:
+                    raise BadImageError(r.path, "file not found")
+                images.append(_crop(load_image(data[r.path], path=r.path), r.box, r.path))
+                found.append(i)
+            except BadImageError as err:
+                if on_bad_image != "skip":
+                    raise
+                bad += 1
+                log.warning("face detection: %s; Δ = 1 (data.on_bad_image=skip: the loader replaces it)", err)
+        if images:
+            values[found] = detector.detect(images).face_absent
+    if bad:
+        log.warning("face detection: %d bad images of %d skipped on rank %d", bad, len(mine), rank)
     if world > 1:
         # Every rank contributes its own entries (others stay 0 in its copy); a sum then assembles the table.
         part = torch.zeros(len(records))
@@ -366,7 +407,7 @@ def train_reid_loop(loop_config: dict) -> None:
         from reid_core.guidance.faces import FaceDetector
 
         t_faces = time.perf_counter()
-        with FaceDetector(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
+        with FaceDetector.for_person_crops(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
             boxes = all_face_boxes(training.records, detector, rank=rank, world=world)
         log.info("rank %d: face boxes of %d records in %.1f s (%d with a face)", rank, len(boxes),
                  time.perf_counter() - t_faces, sum(b is not None for b in boxes.values()))  # fmt: skip
@@ -525,7 +566,7 @@ def _validation(cfg, splits, dual: bool, device):
         from reid_core.train.reid_data import face_boxes as find_face_boxes
 
         records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
+        with FaceDetector.for_person_crops(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
             found = find_face_boxes(records, detector)
         face_boxes = {r: found[i] for i, r in enumerate(records)}
 

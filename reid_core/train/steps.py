@@ -56,7 +56,7 @@ class Guidance:
     @property
     def needs_fake_detection(self) -> bool:
         """Δ(G(z)) from the detector is needed every step: it moves the loss (λ2 > 0) or the logged paper value."""
-        return self.mode != "critic" and (self.lambda2 > 0 or self.mode == "paper")
+        return self.mode not in ("critic", "smoothing") and (self.lambda2 > 0 or self.mode == "paper")
 
 
 def _frozen_call(updater: Updater, x: torch.Tensor) -> torch.Tensor:
