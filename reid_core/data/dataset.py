@@ -136,7 +136,7 @@ def build_transforms(
     return v2.Compose(steps)
 
 
-def _crop(image: Image.Image, box: tuple[int, int, int, int] | None, path: str) -> Image.Image:
+def crop_to_box(image: Image.Image, box: tuple[int, int, int, int] | None, path: str) -> Image.Image:
     if box is None:
         return image
     x, y, w, h = box
@@ -236,7 +236,7 @@ class ReIDDataset(Dataset):
                 image = load_image(data, path=record.path, draft_size=draft)
             else:
                 image = load_image(record.path, settings=self.settings, draft_size=draft)
-            return _crop(image, record.box, record.path)
+            return crop_to_box(image, record.box, record.path)
         except BadImageError as err:
             if self.on_bad_image == "skip":
                 self.bad[record.path] = err.reason

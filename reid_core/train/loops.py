@@ -237,7 +237,7 @@ def face_absent_table(
     import torch.distributed as dist
 
     from reid_core.data import BadImageError, load_image
-    from reid_core.data.dataset import _crop
+    from reid_core.data.dataset import crop_to_box
     from reid_core.data.shards import read_record_bytes
 
     mine = list(range(rank, len(records), world))
@@ -262,7 +262,7 @@ def face_absent_table(
             try:
                 if r.path not in data:
                     raise BadImageError(r.path, "file not found")
-                images.append(_crop(load_image(data[r.path], path=r.path), r.box, r.path))
+                images.append(crop_to_box(load_image(data[r.path], path=r.path), r.box, r.path))
                 found.append(i)
             except BadImageError as err:
                 if on_bad_image != "skip":
