@@ -84,7 +84,7 @@ class FacePresenceHead(nn.Module):
             )
         if isinstance(top_fraction, bool) or not isinstance(top_fraction, int | float) or not 0 < top_fraction <= 1:
             raise ValueError(f"face-presence head: top_fraction must be in (0, 1]; got {top_fraction!r}")
-        self.image_size = size
+        self.image_size: tuple[int, int] = (size[0], size[1])
         self.top_fraction = float(top_fraction)
         self.trunk = lenet_trunk(channels)
         self.score = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], 1))
@@ -93,11 +93,12 @@ class FacePresenceHead(nn.Module):
         """The part of ``x`` the head reads, (N, 3, rows, cols): its top ``top_fraction``, resized."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"face-presence head expects images of shape (N, 3, H, W), got {list(x.shape)}")
+        rows, cols = self.image_size
         if self.top_fraction < 1:
-            x = x[:, :, : max(1, round(x.shape[2] * self.top_fraction))]
-        if tuple(x.shape[2:]) != self.image_size:
+            x = x[:, :, : max(1, int(x.shape[2] * self.top_fraction + 0.5))]
+        if x.shape[2] != rows or x.shape[3] != cols:
             # antialiased when shrinking, so that small details (a face) are averaged, not skipped
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=[rows, cols], mode="bilinear", align_corners=False, antialias=True)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
