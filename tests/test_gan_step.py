@@ -116,7 +116,7 @@ def test_weighted_mode_changes_the_discriminator_only_through_faceless_samples()
 def test_critic_mode_trains_the_scorer_and_pushes_the_generator():
     from reid_core.train.steps import Guidance
 
-    args = dict(delta_real=torch.tensor([1.0, 0, 1, 0, 1, 0]), delta_fake=None, critic=True)
+    args = dict(delta_real=torch.tensor([1.0, 0, 1, 0, 1, 0]), delta_fake=torch.ones(6), critic=True)
     out, g_c, _, critic = run_step(Guidance("critic", 0.0, 0.5), **args)
     assert math.isfinite(out["loss_critic"]) and 0 <= out["face_absent_fake"] <= 1
     _, g_0, _, _ = run_step(Guidance("critic", 0.0, 0.0), **args)
@@ -124,3 +124,41 @@ def test_critic_mode_trains_the_scorer_and_pushes_the_generator():
     assert any(not torch.equal(a, b) for a, b in zip(g_c.parameters(), g_0.parameters(), strict=True))
     with pytest.raises(ValueError, match="needs the face-presence scorer"):
         run_step(Guidance("critic", 0.0, 0.5), delta_real=torch.zeros(6), delta_fake=None, critic=False)
+    with pytest.raises(ValueError, match="critic needs their labels"):
+        run_step(Guidance("critic", 0.0, 0.5), delta_real=torch.zeros(6), delta_fake=None, critic=True)
+
+
+def test_critic_is_trained_on_the_detectors_labels_of_the_fakes_too():
+    """F learns from dlib's Δ of the generated batch as well as of the real one: with the same real batch, fakes
+    labelled "face" and fakes labelled "no face" train F differently, and the detector is called on the fakes."""
+    from reid_core.train.steps import Guidance
+
+    delta_real = torch.tensor([1.0, 0, 1, 0, 1, 0])
+    calls = []
+
+    def detector(label):
+        def detect(fake):
+            calls.append(tuple(fake.shape))
+            return torch.full((fake.shape[0],), label)
+
+        return detect
+
+    critics = []
+    for label in (0.0, 1.0):
+        gen, disc = tiny_pair(0)
+        torch.manual_seed(5)
+        model = build_model("face_presence", channels=(4, 8), image_size=16)
+        c = TorchUpdater(model, torch.optim.SGD(model.parameters(), lr=0.5))
+        real = torch.rand(6, 3, *SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+        out = gan_step(TorchUpdater(gen, torch.optim.SGD(gen.parameters(), lr=0.0)),
+                       TorchUpdater(disc, torch.optim.SGD(disc.parameters(), lr=0.0)), real, z_dim=16, g_steps=1,
+                       generator=torch.Generator().manual_seed(3), guidance=Guidance("critic", 0.05, 0.05),
+                       face_absent_real=delta_real, detect_faces=detector(label), critic=c)  # fmt: skip
+        assert out["face_absent_fake"] == label  # the detector's rate on the fakes is logged
+        assert 0 <= out["critic_face_absent_fake"] <= 1
+        with torch.no_grad():
+            fake = gen(torch.randn(6, 16, generator=torch.Generator().manual_seed(3)))
+            critics.append(torch.sigmoid(model(fake)).mean().item())
+    assert calls == [(6, 3, *SIZE)] * 2
+    # fakes labelled "face" (Δ = 0) raise F on fakes above what fakes labelled "no face" leave
+    assert critics[0] > critics[1] + 1e-3

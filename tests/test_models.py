@@ -65,7 +65,7 @@ CASES: dict[str, Case] = {
     "condensenet_tiny": Case(dict(num_classes=5), lambda: (torch.randn(4, 3, 32, 16),), _condensenet_loss, reid=True),
     "dual_stream": Case(dict(num_classes=3), _dual_stream_inputs(64), _dual_stream_loss, reid=True),
     "dual_stream_tiny": Case(dict(num_classes=5), _dual_stream_inputs(16), _dual_stream_loss, reid=True),
-    "face_presence": Case(dict(channels=(4, 8), image_size=16), lambda: (torch.randn(4, 3, 32, 16),)),
+    "face_presence": Case(dict(channels=(4, 8), image_size=(16, 12)), lambda: (torch.randn(4, 3, 32, 16),)),
 }
 REID_MODELS = sorted(name for name, case in CASES.items() if case.reid)
 

@@ -67,21 +67,42 @@ class ConvStream(nn.Module):
 
 
 class FacePresenceHead(nn.Module):
-    """Person images (N, 3, H, W), any size -> face-presence logit (N,); resized to ``image_size`` inside."""
+    """Person images (N, 3, H, W), any size -> face-presence logit (N,).
 
-    def __init__(self, *, channels: Sequence[int], image_size: int):
+    The head looks at the top ``top_fraction`` of every image (the head region of a person crop; 1.0: the whole
+    image), resized to ``image_size`` (rows, cols; an int for a square) with antialiased bilinear interpolation, which
+    is differentiable, so generated images can be scored inside the GAN's loss.
+    """
+
+    def __init__(self, *, channels: Sequence[int], image_size: int | Sequence[int], top_fraction: float = 1.0):
         super().__init__()
-        self.image_size = image_size
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if len(size) != 2 or min(size) < 2 ** len(channels):
+            raise ValueError(
+                f"face-presence head: image_size must be (rows, cols) of at least 2^len(channels)={2 ** len(channels)} "
+                f"px each; got {image_size!r}"
+            )
+        if isinstance(top_fraction, bool) or not isinstance(top_fraction, int | float) or not 0 < top_fraction <= 1:
+            raise ValueError(f"face-presence head: top_fraction must be in (0, 1]; got {top_fraction!r}")
+        self.image_size: tuple[int, int] = (size[0], size[1])
+        self.top_fraction = float(top_fraction)
         self.trunk = lenet_trunk(channels)
         self.score = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def region(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of ``x`` the head reads, (N, 3, rows, cols): its top ``top_fraction``, resized."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"face-presence head expects images of shape (N, 3, H, W), got {list(x.shape)}")
-        if x.shape[2] != self.image_size or x.shape[3] != self.image_size:
-            # bilinear resizing is differentiable, so generated images can be scored inside the GAN's loss
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return self.score(self.trunk(x)).flatten()
+        rows, cols = self.image_size
+        if self.top_fraction < 1:
+            x = x[:, :, : max(1, int(x.shape[2] * self.top_fraction + 0.5))]
+        if x.shape[2] != rows or x.shape[3] != cols:
+            # antialiased when shrinking, so that small details (a face) are averaged, not skipped
+            x = F.interpolate(x, size=[rows, cols], mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.trunk(self.region(x))).flatten()
 
 
 class DualStreamCNN(nn.Module):
@@ -241,8 +262,28 @@ def dual_stream_tiny(
     )
 
 
+# The face-presence scorer's view of a person crop: the detector's head region (``PERSON_TOP_FRACTION``, the top 40 %),
+# at 80 rows: a full-body face of H/12 (eyebrows to chin) spans 80 / (0.4 · 12) ≈ 16.7 rows at any crop height, and
+# the smallest face the detector finds in a 128-px crop (20 px) spans 31. 96 columns keep a 2:1 crop's region at
+# about its aspect (0.4·H × 0.5·H) and undo most of the 2× stretch of a person drawn into a square.
+FACE_PRESENCE_REGION = (80, 96)
+
+
 @register_model("face_presence")
-def face_presence(*, channels: tuple[int, ...] = (16, 32), image_size: int = 32) -> FacePresenceHead:
+def face_presence(
+    *,
+    channels: tuple[int, ...] = (16, 32, 64),
+    image_size: int | tuple[int, int] = FACE_PRESENCE_REGION,
+    top_fraction: float | None = None,
+) -> FacePresenceHead:
     """The face-presence scorer F on its own (logits; σ gives F(x) ∈ [0, 1]): the GAN's ``critic`` guidance mode trains
-    it on the detector's labels and uses 1 − F(x) as a differentiable Δ."""
-    return FacePresenceHead(channels=tuple(channels), image_size=image_size)
+    it on the detector's labels of real and generated images and uses 1 − F(x) as a differentiable Δ.
+
+    It reads the head region of the person crop, the same top share the detector scans (``top_fraction``, default
+    ``PERSON_TOP_FRACTION``), resized to ``image_size`` = (rows, cols), ``FACE_PRESENCE_REGION`` by default: a face
+    is ≥ 16 px there (see above), where a 32×32 view of the whole crop left it ~3 px."""
+    if top_fraction is None:
+        from reid_core.guidance.faces import PERSON_TOP_FRACTION
+
+        top_fraction = PERSON_TOP_FRACTION
+    return FacePresenceHead(channels=tuple(channels), image_size=image_size, top_fraction=top_fraction)

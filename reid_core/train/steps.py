@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,8 +54,11 @@ class Guidance:
 
     @property
     def needs_fake_detection(self) -> bool:
-        """Δ(G(z)) from the detector is needed every step: it moves the loss (λ2 > 0) or the logged paper value."""
-        return self.mode not in ("critic", "smoothing") and (self.lambda2 > 0 or self.mode == "paper")
+        """Δ(G(z)) from the detector is needed every step: it moves the loss (λ2 > 0), the logged paper value, or (in
+        ``critic`` mode) it labels the fakes that the face-presence scorer is trained on."""
+        if self.mode == "critic":
+            return True
+        return self.mode != "smoothing" and (self.lambda2 > 0 or self.mode == "paper")
 
 
 def _frozen_call(updater: Updater, x: torch.Tensor) -> torch.Tensor:
@@ -93,17 +95,25 @@ def gan_step(
         (e.g. ``FaceDetector.submit``: awaited after D's forward passes, so detection overlaps them); called when
         ``guidance.needs_fake_detection``.
     critic: the face-presence scorer F (logits; ``critic`` mode only). It is trained in this step on the real batch
-        with the detector's labels (BCE(F(x), 1 − Δ(x))); D's losses use Δ = 1 − σ(F(·)) and the generator's loss
-        adds λ2 · mean(1 − σ(F(G(z)))).
+        and the generated one, with the detector's labels on both (BCE(F(·), 1 − Δ(·)), ``detect_faces`` required):
+        the generator cannot raise F without drawing what the detector calls a face. D's losses then use
+        Δ = 1 − σ(F(·)) and the generator's loss adds λ2 · mean(1 − σ(F(G(z)))).
 
     Returns floats: ``loss_d``, ``loss_g`` (mean over the generator updates), the paper's penalised value
     ``loss_d_penalised``, ``d_real`` / ``d_fake`` (mean D(x), D(G(z))), the Δ rates ``face_absent_real`` /
-    ``face_absent_fake``, ``loss_critic`` (critic mode) and ``step_seconds``.
+    ``face_absent_fake`` (the detector's; in critic mode ``critic_face_absent_fake``, mean 1 − F(G(z)), is the Δ that
+    D's loss used), ``loss_critic`` (critic mode) and ``step_seconds``.
     """
+    from reid_core.guidance.critic import face_scorer_loss
     from reid_core.guidance.losses import discriminator_loss, generator_loss
 
     if guidance.mode == "critic" and critic is None:
         raise ValueError("gan_step: guidance mode 'critic' needs the face-presence scorer (critic=...)")
+    if critic is not None and detect_faces is None:
+        raise ValueError(
+            "gan_step: the face-presence scorer (critic=...) is trained on the detector's labels of the generated "
+            "images too; pass detect_faces (e.g. FaceDetector.submit)"
+        )
     t0 = time.perf_counter()
     n = real.shape[0]
     dtype = next(gen.module.parameters()).dtype
@@ -119,24 +129,28 @@ def gan_step(
     # --- discriminator: maximise log D(x) + log(1 − D(G(z))), with Δ entering as the guidance mode says
     with torch.no_grad():
         fake = gen.module(noise())  # G is not updated here: no graph through it
-    pending = detect_faces(fake) if (detect_faces is not None and guidance.needs_fake_detection) else None
+    needs_fake_delta = detect_faces is not None and (guidance.needs_fake_detection or critic is not None)
+    pending = detect_faces(fake) if needs_fake_delta else None
+    logits_real = disc(real)
+    logits_fake = disc(fake)
+    # A Future from FaceDetector.submit resolves here: detection overlapped with D's forward passes.
+    detected_fake = pending.result() if hasattr(pending, "result") else pending
+    detected_fake = getattr(detected_fake, "face_absent", detected_fake)  # FaceDetections -> its Δ tensor
+    if critic is not None and detected_fake is None:
+        raise ValueError("gan_step: detect_faces gave no Δ for the generated images; the critic needs their labels")
+    detected_fake = torch.zeros(n) if detected_fake is None else detected_fake.to(real.device, dtype)
     if critic is not None:
-        # F learns "has a face" from the detector's labels on real images; its own update, before D uses it.
-        loss_c = F.binary_cross_entropy_with_logits(critic(real), 1.0 - face_absent_real)
+        # F learns "has a face" from the detector's labels on real AND generated images (its own update, before D
+        # uses it): a fake scores high only if the detector finds a face in it.
+        loss_c = face_scorer_loss(critic(torch.cat([real, fake])), torch.cat([face_absent_real, detected_fake]))
         critic.backward(loss_c)
         critic.step()
         logs["loss_critic"] = float(loss_c.detach())
         with torch.no_grad():
             delta_real = 1.0 - torch.sigmoid(critic.module(real))
             delta_fake = 1.0 - torch.sigmoid(critic.module(fake))
-    logits_real = disc(real)
-    logits_fake = disc(fake)
-    if critic is None:
-        # A Future from FaceDetector.submit resolves here: detection overlapped with D's forward passes.
-        delta_real = face_absent_real
-        delta_fake = pending.result() if hasattr(pending, "result") else pending
-        delta_fake = getattr(delta_fake, "face_absent", delta_fake)  # FaceDetections -> its Δ tensor
-        delta_fake = torch.zeros(n) if delta_fake is None else delta_fake
+    else:
+        delta_real, delta_fake = face_absent_real, detected_fake
     loss_d, d_logs = discriminator_loss(
         logits_real, logits_fake, delta_real, delta_fake.to(real.device, dtype),
         mode=guidance.mode, lambda1=guidance.lambda1, lambda2=guidance.lambda2,
@@ -145,8 +159,10 @@ def gan_step(
     disc.step()
     logs.update({k: d_logs[k] for k in ("loss_d", "loss_d_penalised", "d_real", "d_fake")})
     logs["face_absent_real"] = float(face_absent_real.float().mean())
-    if guidance.needs_fake_detection or critic is not None:
-        logs["face_absent_fake"] = d_logs["face_absent_fake"]
+    if needs_fake_delta:
+        logs["face_absent_fake"] = float(detected_fake.float().mean())
+    if critic is not None:
+        logs["critic_face_absent_fake"] = d_logs["face_absent_fake"]
 
     # --- generator: the non-saturating loss −log D(G(z)) (+ λ2 · mean(1 − F(G(z))) in critic mode); D and F frozen
     losses_g = []
