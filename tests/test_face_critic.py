@@ -49,6 +49,7 @@ def test_scorer_rejects_bad_settings():
         build_model("face_presence", image_size=(4, 96))
 
 
+@pytest.mark.slow  # about a minute of CPU training on an idle 2-core machine
 def test_scorer_agrees_with_dlib_on_held_out_real_images():
     """F trained on dlib's labels of synthetic person images (about half carry a real face) ranks held-out images as
     dlib does: ROC AUC >= 0.9 (issue 16's target)."""
