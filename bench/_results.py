@@ -85,7 +85,7 @@ class Report:
                 raise ValueError(f"{self.bench}: figure {name!r}: target operator {op!r} is not one of {sorted(OPS)}")
             met = bool(OPS[op](value, bound))
             target = [op, float(bound)]
-        self.figures.append({"name": name, "value": round(value, 6), "unit": unit, "target": target, "met": met})
+        self.figures.append({"name": name, "value": float(f"{value:.6g}"), "unit": unit, "target": target, "met": met})
         verdict = "" if met is None else f"   target {format_target(target, unit)}: {'met' if met else 'MISSED'}"
         print(f"  FIGURE {name}: {format_value(value, unit)}{verdict}", flush=True)
         return met
@@ -138,7 +138,8 @@ def render_table(results: dict) -> str:
             if fig["met"] is False:
                 measured = f"**{measured} (missed)**"
             target = format_target(fig["target"], fig["unit"])
-            lines.append(f"| `{bench}` | {fig['name']} | {target} | {measured} | {run} |")
+            name = fig["name"].replace("|", "\\|")  # a | would end the cell
+            lines.append(f"| `{bench}` | {name} | {target} | {measured} | {run} |")
     return "\n".join(lines)
 
 
@@ -151,10 +152,10 @@ def readme_table(readme: str) -> str:
 
 def write_readme(results: dict, path: Path = README) -> None:
     text = path.read_text()
-    old = readme_table(text)
-    path.write_text(
-        text.replace(f"{TABLE_START}\n{old}\n{TABLE_END}", f"{TABLE_START}\n{render_table(results)}\n{TABLE_END}")
-    )
+    readme_table(text)  # both markers are there
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    path.write_text(f"{before}{TABLE_START}\n{render_table(results)}\n{TABLE_END}{after}")
 
 
 def main() -> int:

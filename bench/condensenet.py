@@ -174,7 +174,7 @@ def main() -> int:
                       wall_speedup, "x", target=(">=", 1.5))  # fmt: skip
         report.figure(f"converted CondenseNet-74 vs ResNet-50 (no fc) inference speed-up, CPU time, {where}",
                       vs_resnet, "x")  # fmt: skip
-        report.figure(f"max |feature difference| converted vs training form, batch {batch}", max_diff, "",
+        report.figure(f"largest absolute difference of the features, converted vs training form, batch {batch}", max_diff, "",
                       target=("<=", 1e-5))  # fmt: skip
         t_learned = time_in_layers(trained, LearnedGroupConv, x, repeats=max(3, repeats // 2))
         t_condensed = time_in_layers(deploy, CondensedGroupConv, x, repeats=max(3, repeats // 2))

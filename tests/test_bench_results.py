@@ -54,12 +54,14 @@ def test_every_miss_is_marked_in_the_table(tmp_path):
     report.figure("speed-up", 1.2, "x", target=(">=", 1.5))
     report.figure("memory", 0.5, "GiB", target=("<=", 2))
     report.figure("time", 3.0, "s")
+    report.figure("max |diff|", 1.8e-7, "", target=("<=", 1e-5))
     report.write()
     rows = results_module.render_table(results_module.read_results(tmp_path / "r.json")).splitlines()[2:]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "| speed-up | ≥ 1.50× | **1.20× (missed)** |" in rows[0]
     assert "| memory | ≤ 2.00 GiB | 0.50 GiB |" in rows[1] and "missed" not in rows[1]
     assert "| time | — | 3.00 s |" in rows[2]
+    assert "| max \\|diff\\| | ≤ 1.0e-05 | 1.8e-07 |" in rows[3]  # a small value is kept, a | escaped
 
 
 def test_a_bench_run_replaces_only_its_own_entries(tmp_path, capsys):
