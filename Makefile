@@ -45,8 +45,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Every bench (bench/_*.py are helpers), one after the other: each merges its figures into bench/results.json; then the
+# README's benchmark table is rewritten from that file (tests/test_bench_results.py checks that they agree).
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+	$(BIN)/python bench/_results.py --readme
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

@@ -9,7 +9,9 @@ Measured in one run, so the ratios are meaningful even on a shared, noisy CPU:
 - FLOPs of one 256×128 image, counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2
   FLOPs; papers usually quote multiply-adds, i.e. half these figures).
 
-Run: ``.venv/bin/python bench/condensenet.py`` (``--quick`` for a small version).
+Load average at start and end, figures and verdicts are printed and written to bench/results.json.
+
+Run: ``.venv/bin/python bench/condensenet.py`` (``--quick``: fewer repeats).
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import resnet50
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torchvision.models import resnet50  # noqa: E402
 
-from reid_core.models import build_model
-from reid_core.models.condense import CondensedGroupConv, LearnedGroupConv, convert, finish_condensation
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import Report  # noqa: E402
+
+from reid_core.models import build_model  # noqa: E402
+from reid_core.models.condense import CondensedGroupConv, LearnedGroupConv, convert, finish_condensation  # noqa: E402
 
 HEIGHT, WIDTH = 256, 128
 
@@ -107,7 +113,7 @@ def time_in_layers(model: nn.Module, layer_type: type[nn.Module], x: torch.Tenso
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batches 1 and 2, 3 timed repeats")
+    parser.add_argument("--quick", action="store_true", help="5 timed repeats instead of 10")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="images per forward pass")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model and batch size")
     parser.add_argument(
@@ -118,7 +124,7 @@ def main() -> int:
         "erratic and CPU time no longer measures one call)",
     )
     args = parser.parse_args()
-    batches, repeats, warmup = ([1, 2], 3, 1) if args.quick else (args.batches, args.repeats, 2)
+    batches, repeats, warmup = (args.batches, 5, 1) if args.quick else (args.batches, args.repeats, 2)
     torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
@@ -132,7 +138,9 @@ def main() -> int:
     reference.fc = nn.Identity()
     reference.eval()
 
+    report = Report("bench/condensenet.py", quick=args.quick)
     print(f"CondenseNet-74 vs its converted form at {HEIGHT}x{WIDTH}, CPU, {torch.get_num_threads()} thread(s)")
+    setting = f"{HEIGHT}×{WIDTH}, {torch.get_num_threads()} thread(s)"
     all_equal = True
     for batch in batches:
         x = torch.randn(batch, 3, HEIGHT, WIDTH, generator=generator)
@@ -158,14 +166,16 @@ def main() -> int:
         cpu_speedup = times["training form"]["cpu"] / times["converted"]["cpu"]
         wall_speedup = times["training form"]["wall"] / times["converted"]["wall"]
         vs_resnet = times["ResNet-50 (no fc)"]["cpu"] / times["converted"]["cpu"]
-        verdict = "met" if cpu_speedup >= 1.5 else "NOT met"
-        print(
-            f"  speed-up converted vs training form: {cpu_speedup:.2f}x CPU time, {wall_speedup:.2f}x wall ({verdict})"
-        )
-        print(f"  converted CondenseNet-74 vs ResNet-50 (no fc): {vs_resnet:.2f}x faster (CPU time)")
-        print(
-            f"  features: max |diff| {max_diff:.2e} (max |feature| {f_trained.abs().max().item():.2e}), equal: {equal}"
-        )
+        print(f"  features: max |feature| {f_trained.abs().max().item():.2e}")
+        where = f"{setting}, batch {batch}, median of {repeats} alternating runs"
+        report.figure(f"converted vs training-form CondenseNet-74 inference speed-up, CPU time, {where}", cpu_speedup,
+                      "x", target=(">=", 1.5))  # fmt: skip
+        report.figure(f"converted vs training-form CondenseNet-74 inference speed-up, wall clock, {where}",
+                      wall_speedup, "x", target=(">=", 1.5))  # fmt: skip
+        report.figure(f"converted CondenseNet-74 vs ResNet-50 (no fc) inference speed-up, CPU time, {where}",
+                      vs_resnet, "x")  # fmt: skip
+        report.figure(f"largest absolute difference of the features, converted vs training form, batch {batch}", max_diff, "",
+                      target=("<=", 1e-5))  # fmt: skip
         t_learned = time_in_layers(trained, LearnedGroupConv, x, repeats=max(3, repeats // 2))
         t_condensed = time_in_layers(deploy, CondensedGroupConv, x, repeats=max(3, repeats // 2))
         share = t_learned / times["training form"]["cpu"]
@@ -194,13 +204,17 @@ def main() -> int:
     print("backbone parameters (up to the pooled output; ratio to ResNet-50 without fc):")
     for name, n in params.items():
         print(f"  {name:18s} {n / 1e6:7.3f} M  {n / params[base]:.3f}x")
-    ratio = params["converted"] / params[base]
-    print(f"  converted backbone <= 0.25x ResNet-50: {'met' if ratio <= 0.25 else 'NOT met'} ({ratio:.3f}x)")
+    report.figure("converted CondenseNet-74 backbone parameters", params["converted"] / 1e6, "M")
+    report.figure("converted CondenseNet-74 backbone parameters / ResNet-50 (fc removed)",
+                  params["converted"] / params[base], "x", target=("<=", 0.25))  # fmt: skip
     print(f"  converted backbone + feature layer: {with_feature / 1e6:.3f} M ({with_feature / params[base]:.3f}x)")
     print(f"FLOPs per {HEIGHT}x{WIDTH} image (FlopCounterMode, multiply-add = 2 FLOPs; ratio to ResNet-50):")
     for name, n in flops.items():
         print(f"  {name:18s} {n / 1e9:7.3f} GFLOPs  {n / flops[base]:.3f}x")
     print(f"  converted vs training form: {flops['converted'] / flops['training form']:.3f}x")
+    report.figure(f"converted CondenseNet-74 FLOPs per {HEIGHT}×{WIDTH} image / ResNet-50 (fc removed)",
+                  flops["converted"] / flops[base], "x")  # fmt: skip
+    report.write()
     return 0 if all_equal else 1
 
 

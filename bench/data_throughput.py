@@ -16,6 +16,8 @@ is measured without and with it, on the same synthetic MSMT17 images (person cro
                thread each, as a 1-CPU Ray Train worker runs both
 
 Targets, with latency: concurrent ≥ 4× sequential; shards ≥ 5× sequential; loader ≥ 2× the step's images/s.
+Figures are medians over interleaved rounds (ratios: medians of per-round ratios), printed with their verdicts and
+written to bench/results.json.
 
     .venv/bin/python bench/data_throughput.py [--quick] [--latency-ms 20] [--ids 100]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import Report  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reid_demo.yaml"
 
@@ -140,9 +145,7 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="added to every S3 request by the proxy")
     parser.add_argument("--ids", type=int, default=None, help="identities of the synthetic set (12 images each)")
     parser.add_argument("--shard-mb", type=float, default=2.0)
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="rounds; the best of each is kept (default 3, 1 quick)"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     args = parser.parse_args()
     if args.latency_ms < 0:
         print(f"error: --latency-ms {args.latency_ms} must be >= 0", file=sys.stderr)
@@ -164,13 +167,17 @@ def main() -> int:
     ids = args.ids or (24 if args.quick else 100)
     sequential_n = 80 if args.quick else 300
     steps = 4 if args.quick else 12
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats
+    if repeats < 1:
+        print(f"error: --repeats {repeats} must be >= 1", file=sys.stderr)
+        return 2
     cfg = load_config(ReidJobConfig, CONFIG)
     if ids - max(1, round(ids * 0.25)) < cfg.optim.identities_per_batch:
         print(f"error: --ids {ids} leaves fewer training identities than the demo's batch needs "
               f"({cfg.optim.identities_per_batch}); use --ids {2 * cfg.optim.identities_per_batch} or more", file=sys.stderr)  # fmt: skip
         return 2
 
+    report = Report("bench/data_throughput.py", quick=args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(root=Path(tmp) / "stack", ports=Ports.free(), services=("s3",), bucket="bench-data")
         stack.up()
@@ -200,9 +207,9 @@ def main() -> int:
             rounds: list[dict[str, dict[str, float]]] = []  # per round: {latency label: {source: images/s}}
             step_rounds: list[float] = []
             max_batches = 6 if args.quick else 20
-            # Every source once per round, the training step in the same round. The table shows each source's best
-            # round (other work on a shared machine only ever slows a measurement down); the ratios are medians of
-            # per-round ratios, so that a load change between two measurements moves them as little as possible.
+            # Every source once per round, the training step in the same round. The table shows each source's median
+            # over rounds; the ratios are medians of per-round ratios, so that a load change between two measurements
+            # moves them as little as possible.
             for round_ in range(repeats):
                 rounds.append({})
                 for label, settings in (("no latency", direct), (f"+{args.latency_ms:g} ms", slow)):
@@ -225,33 +232,36 @@ def main() -> int:
                 proxy.wait(timeout=30)
             stack.down()
 
-    import statistics
-
     labels = list(rounds[0])
     sources = list(rounds[0][labels[0]])
-    print(f"\n{'images/s':<18}" + "".join(f"{label:>14}" for label in labels) + f"   (best of {repeats} rounds)")
+    med = statistics.median
+    print(f"\n{'images/s':<18}" + "".join(f"{label:>14}" for label in labels) + f"   (median of {repeats} rounds)")
     for source in sources:
-        print(f"{source:<18}" + "".join(f"{max(r[label][source] for r in rounds):>14.0f}" for label in labels))
-    print(f"{'training step':<18}{max(step_rounds):>14.0f}   ({cfg.model.name}, {cfg.data.image_size[0]}×"
-          f"{cfg.data.image_size[1]}, batch {cfg.batch_size}, 1 thread)")  # fmt: skip
+        print(f"{source:<18}" + "".join(f"{med(r[label][source] for r in rounds):>14.0f}" for label in labels))
+    model = f"{cfg.model.name}, {cfg.data.image_size[0]}×{cfg.data.image_size[1]}, batch {cfg.batch_size}, 1 thread"
+    print(f"{'training step':<18}{med(step_rounds):>14.0f}   ({model})")
 
     def ratio(label: str, num: str, den: str | None) -> float:
         """Median over rounds of num / den (den None: the round's training step)."""
-        return statistics.median(
+        return med(
             r[label][num] / (r[label][den] if den else step) for r, step in zip(rounds, step_rounds, strict=True)
         )
 
+    slow_label = labels[1]
+    for source in ("sequential", "concurrent", "shards", "loader (plain)", "loader (packed)"):
+        report.figure(f"{source} reads, {slow_label} per request", med(r[slow_label][source] for r in rounds),
+                      "images/s")  # fmt: skip
+    report.figure(f"training step ({model})", med(step_rounds), "images/s")
     checks = [
-        ("concurrent / sequential", "concurrent", "sequential", 4.0),
-        ("shards / sequential", "shards", "sequential", 5.0),
-        ("loader (plain) / training step", "loader (plain)", None, 2.0),
-        ("loader (packed) / training step", "loader (packed)", None, 2.0),
+        ("concurrent per-object GETs (64 in flight) / sequential reads", "concurrent", "sequential", 4.0),
+        ("packed shards (merged ranged reads) / sequential reads", "shards", "sequential", 5.0),
+        ("training loader, plain per-object / training step", "loader (plain)", None, 2.0),
+        ("training loader, packed shards / training step", "loader (packed)", None, 2.0),
     ]
-    print(f"\nratios with {labels[1]} per request, medians over rounds (without latency in brackets):")
     for name, num, den, target in checks:
-        value = ratio(labels[1], num, den)
-        verdict = "met" if value >= target else "MISSED"
-        print(f"  {name:<33} {value:6.1f}×  (target ≥ {target:g}×: {verdict})   [{ratio(labels[0], num, den):.1f}×]")
+        report.figure(f"{name}, {slow_label} per request", ratio(slow_label, num, den), "x", target=(">=", target))
+        report.figure(f"{name}, no added latency", ratio(labels[0], num, den), "x")
+    report.write()
     return 0
 
 

@@ -5,13 +5,18 @@
     difference is the ranking. Targets: >= 5x faster, identical numbers, <= 2x the bare matrix product.
 (b) MSMT17 scale, 11,659 x 82,161 x 512-d random features: time, peak resident memory above the features
     (target <= 2 GiB) and the ratio to the bare query x gallery matrix product (target <= 1.5x).
-(c) The same with k-reciprocal re-ranking (its floor is the N x N product over queries + gallery, N = 93,820).
+(c) The same with k-reciprocal re-ranking: time, peak memory (target <= 2 GiB) and the ratio to the N x N product
+    over queries + gallery (N = 93,820), measured, not extrapolated.
+
+Every time is the median of ROUNDS interleaved rounds; in each round the baseline (the bare product, and in (a) the
+reference) is timed the same way as the code measured. Verdicts are computed by the bench (bench/_results.py), which
+writes its figures to bench/results.json.
 
 The bare product is ``torch.mm(q_chunk, g.T, out=buffer)`` over the same query chunks evaluate_rank uses (no
 allocation, no page faults): the physical floor of any exact evaluation, and the denominator of the targets. The
 one-call ``torch.mm(q, g.T)`` of the whole matrix (what the naive evaluations start with; it allocates Q*G*4 bytes)
 is printed too. Each section runs in its own process so that one section's freed memory cannot hide another's peak.
-The machine's load average is printed around each section: other processes sharing the CPU make every time noisy.
+The machine's load average is printed at the start and end of each section: other processes make every time noisy.
 ``--quick`` is a smoke test: at its small sizes fixed per-row costs dominate and its ratios say little.
 
 Two kinds of features: ``random`` (i.i.d. Gaussian, as the issue asks; near-zero mAP) is the worst case for the
@@ -30,6 +35,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -48,8 +54,11 @@ from reid_core.metrics.rank import (  # noqa: E402
 )
 from reid_core.metrics.reranking import evaluate_rank_reranked  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import Report, median_of_rounds, read_results  # noqa: E402
+
 GIB = 2**30
-ROUNDS = 3  # timed runs of evaluate_rank and of the bare product, interleaved; the best of each is reported
+ROUNDS = 3  # interleaved rounds (5 with --quick): baseline and measured code once each per round; medians reported
 
 
 @dataclass(frozen=True)
@@ -171,68 +180,62 @@ def timed_cpu(fn):
     return t, time.process_time() - c0, out
 
 
-def cpu_ratio_line(eval_cpu: list[float], mm_cpu: list[float], target: float) -> str:
-    ratio = min(eval_cpu) / min(mm_cpu)
-    return (f"  the same in CPU time of this process        {ratio:8.2f} x   target <= {target:g}x   {verdict(ratio <= target)}"
-            f"   (best CPU s: product {min(mm_cpu):.2f}, evaluate_rank {min(eval_cpu):.2f})")  # fmt: skip
+def median(values: list[float]) -> float:
+    return median_of_rounds(values)
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def section_a(s: Sizes) -> None:
+def section_a(s: Sizes, report: Report) -> None:
     print(
         f"(a) evaluate_rank vs the reference: {s.queries} q x {s.gallery} g x {s.dim}-d, {torch.get_num_threads()} threads"
     )
     for kind in ("random", "identity"):
         q, g, ids = make_data(s, kind=kind)
         rows = default_chunk_rows(s.queries, s.gallery)
-        mm_times, fast_times, mm_cpu, fast_cpu = [], [], [], []
-        for _ in range(ROUNDS):  # interleaved, best of ROUNDS: other processes share the CPU
+        mm_times, fast_times, mm_cpu, fast_cpu, ref_times, dist_times = [], [], [], [], [], []
+        for _ in range(ROUNDS):  # interleaved: a load change from other processes hits all three alike
             _, c, t = timed_cpu(lambda q=q, g=g, rows=rows: bare_product_seconds(q, g, rows))
             mm_times.append(t)
             mm_cpu.append(c)
             t, c, fast = timed_cpu(lambda q=q, g=g, ids=ids: evaluate_rank(q, g, *ids))
             fast_times.append(t)
             fast_cpu.append(c)
+            t0 = time.perf_counter()
+            distmat = pairwise_distance(q, g)
+            dist_times.append(time.perf_counter() - t0)
+            ref = evaluate_rank_reference(distmat, *ids)
+            ref_times.append(time.perf_counter() - t0)
+            del distmat
         t_full = full_product_seconds(q, g)
-        t0 = time.perf_counter()
-        distmat = pairwise_distance(q, g)
-        t_dist = time.perf_counter() - t0
-        ref = evaluate_rank_reference(distmat, *ids)
-        t_rank = time.perf_counter() - t0 - t_dist
-        del distmat
-        t_ref = t_dist + t_rank
-        t_mm, t_fast = min(mm_times), min(fast_times)
-        cmc_diff = float(np.abs(fast.cmc - ref.cmc).max())
-        ranks_equal = bool(np.array_equal(fast.first_match_rank, ref.first_match_rank))
-        ap_diff = float(np.nanmax(np.abs(fast.average_precision - ref.average_precision)))
-        inp_diff = float(np.nanmax(np.abs(fast.inverse_negative_penalty - ref.inverse_negative_penalty)))
-        identical = cmc_diff == 0.0 and ranks_equal and ap_diff < 1e-12 and inp_diff < 1e-12
+        t_mm, t_fast, t_ref, t_dist = median(mm_times), median(fast_times), median(ref_times), median(dist_times)
+        differing = int(np.count_nonzero(fast.cmc != ref.cmc))
+        differing += int(np.count_nonzero(fast.first_match_rank != ref.first_match_rank))
+        for got, want in ((fast.average_precision, ref.average_precision),
+                          (fast.inverse_negative_penalty, ref.inverse_negative_penalty)):  # fmt: skip
+            both_nan = np.isnan(got) & np.isnan(want)
+            differing += int(np.count_nonzero(~both_nan & ~(np.abs(got - want) < 1e-12)))
         print(f"  [{kind} features: mAP {fast.mAP:.4f}, rank-1 {fast.cmc[0]:.4f}, mINP {fast.mINP:.4f}]")
-        print(f"  bare matrix product (chunks of {rows} rows)  {t_mm:8.2f} s   runs {_runs(mm_times)}")
-        print(f"  reference: distances {t_dist:.2f} s + argsort/loop {t_rank:.2f} s  {t_ref:8.2f} s")
-        print(f"  evaluate_rank                               {t_fast:8.2f} s   runs {_runs(fast_times)}")
-        speedup, ratio = t_ref / t_fast, t_fast / t_mm
+        print(f"  bare matrix product (chunks of {rows} rows)  {t_mm:8.2f} s   median of runs {_runs(mm_times)}")
         print(
-            f"  speed-up over the reference                 {speedup:8.1f} x   target >= 5x   {verdict(speedup >= 5)}"
+            f"  reference (distances {t_dist:.2f} s + argsort/loop)  {t_ref:8.2f} s   median of runs {_runs(ref_times)}"
         )
-        print(f"  evaluate_rank / bare product                {ratio:8.2f} x   target <= 2x   {verdict(ratio <= 2)}")
-        print(cpu_ratio_line(fast_cpu, mm_cpu, 2))
+        print(f"  evaluate_rank                               {t_fast:8.2f} s   median of runs {_runs(fast_times)}")
         print(f"  (one-call full product {t_full:.2f} s: evaluate_rank / it = {t_fast / t_full:.2f} x)")
-        print(
-            f"  numbers vs reference: |mAP diff| {abs(fast.mAP - ref.mAP):.1e}, |mINP diff| {abs(fast.mINP - ref.mINP):.1e},"
-            f" CMC max |diff| {cmc_diff:.1e}, per-query AP / INP max |diff| {ap_diff:.1e} / {inp_diff:.1e},"
-            f" first-match ranks equal: {ranks_equal}   identical: {verdict(identical)}"
-        )
+        size = f"{s.queries}×{s.gallery}×{s.dim}-d, {kind} features"
+        report.figure(f"(a) evaluate_rank speed-up over the full-argsort reference, {size}", t_ref / t_fast, "x",
+                      target=(">=", 5))  # fmt: skip
+        report.figure(f"(a) CMC / first-match / AP / INP entries that differ from the reference, {size}", differing, "",
+                      target=("<=", 0))  # fmt: skip
+        report.figure(f"(a) evaluate_rank / bare query×gallery product, wall clock, {size}", t_fast / t_mm, "x",
+                      target=("<=", 2))  # fmt: skip
+        report.figure(f"(a) evaluate_rank / bare query×gallery product, CPU time, {size}",
+                      median(fast_cpu) / median(mm_cpu), "x", target=("<=", 2))  # fmt: skip
 
 
 def _runs(times: list[float]) -> str:
     return ", ".join(f"{t:.2f}" for t in times)
 
 
-def section_b(s: Sizes) -> None:
+def section_b(s: Sizes, report: Report) -> None:
     feat_gib = (s.queries + s.gallery) * s.dim * 4 / GIB
     print(
         f"(b) MSMT17 scale: {s.queries} q x {s.gallery} g x {s.dim}-d ({feat_gib:.2f} GiB of features), {torch.get_num_threads()} threads"
@@ -244,82 +247,105 @@ def section_b(s: Sizes) -> None:
             t_eval, c_eval, res = timed_cpu(lambda q=q, g=g, ids=ids: evaluate_rank(q, g, *ids))
         _, c_mm, t_mm = timed_cpu(lambda q=q, g=g, rows=rows: bare_product_seconds(q, g, rows))
         mm_times, eval_times, mm_cpu, eval_cpu = [t_mm], [t_eval], [c_mm], [c_eval]
-        for _ in range(ROUNDS - 1):  # interleaved, best of ROUNDS: other processes share the CPU
+        for _ in range(ROUNDS - 1):  # interleaved: a load change from other processes hits both alike
             t, c, _ = timed_cpu(lambda q=q, g=g, ids=ids: evaluate_rank(q, g, *ids))
             eval_times.append(t)
             eval_cpu.append(c)
             _, c, t = timed_cpu(lambda q=q, g=g, rows=rows: bare_product_seconds(q, g, rows))
             mm_times.append(t)
             mm_cpu.append(c)
-        t_eval, t_mm = min(eval_times), min(mm_times)
-        ratio = t_eval / t_mm
+        t_eval, t_mm = median(eval_times), median(mm_times)
         t_full = full_product_seconds(q, g)
         print(
             f"  [{kind} features: mAP {res.mAP:.4f}, rank-1 {res.cmc[0]:.4f}, mINP {res.mINP:.4f}, {res.num_valid_queries} valid / {res.num_skipped_queries} skipped queries]"
         )
-        print(f"  bare matrix product (chunks of {rows} rows)  {t_mm:8.2f} s   runs {_runs(mm_times)}")
-        print(f"  evaluate_rank                               {t_eval:8.2f} s   runs {_runs(eval_times)}")
-        print(
-            f"  evaluate_rank / bare product                {ratio:8.2f} x   target <= 1.5x   {verdict(ratio <= 1.5)}"
-        )
-        print(cpu_ratio_line(eval_cpu, mm_cpu, 1.5))
-        print(f"  (one-call full product {t_full:.2f} s: evaluate_rank / it = {t_eval / t_full:.2f} x)")
-        print(
-            f"  peak resident memory above the features     {mem.extra / GIB:8.2f} GiB  target <= 2 GiB   "
-            f"{verdict(mem.extra <= 2 * GIB)}   (the dense distance matrix alone: {s.queries * s.gallery * 4 / GIB:.1f} GiB)"
-        )
+        print(f"  bare matrix product (chunks of {rows} rows)  {t_mm:8.2f} s   median of runs {_runs(mm_times)}")
+        print(f"  evaluate_rank                               {t_eval:8.2f} s   median of runs {_runs(eval_times)}")
+        print(f"  (one-call full product {t_full:.2f} s: evaluate_rank / it = {t_eval / t_full:.2f} x; "
+              f"the dense distance matrix alone: {s.queries * s.gallery * 4 / GIB:.1f} GiB)")  # fmt: skip
+        size = f"{s.queries}×{s.gallery}×{s.dim}-d, {kind} features"
+        report.figure(f"(b) evaluate_rank / bare query×gallery product, wall clock, {size}", t_eval / t_mm, "x",
+                      target=("<=", 1.5))  # fmt: skip
+        report.figure(f"(b) evaluate_rank / bare query×gallery product, CPU time, {size}",
+                      median(eval_cpu) / median(mm_cpu), "x", target=("<=", 1.5))  # fmt: skip
+        report.figure(f"(b) evaluate_rank peak resident memory above the features, {size}", mem.extra / GIB, "GiB",
+                      target=("<=", 2))  # fmt: skip
         del q, g
 
 
-def section_c(s: Sizes) -> None:
+def square_product_seconds(x: torch.Tensor, rows: int) -> float:
+    """The N x N product of all features (queries and gallery) with themselves, chunked like the bare product:
+    what k-reciprocal re-ranking cannot do without (its neighbour lists cover queries and gallery alike)."""
+    return bare_product_seconds(x, x, rows)
+
+
+def section_c(s: Sizes, report: Report) -> None:
     n = s.queries + s.gallery
     print(f"(c) k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3): {s.queries} q x {s.gallery} g x {s.dim}-d, N = {n}")
     logging.basicConfig(level=logging.WARNING, format="  %(message)s")
     logging.getLogger("reid_core.metrics.reranking").setLevel(logging.INFO)  # prints the sparse encodings' sizes
     q, g, ids = make_data(s, kind="random")
-    rows = default_chunk_rows(s.queries, s.gallery)
-    t_mm = bare_product_seconds(q, g, rows)
-    floor = t_mm * (n * n) / (s.queries * s.gallery)
-    t_plain, plain = timed(lambda: evaluate_rank(q, g, *ids))
-    with PeakMemory() as mem:
-        t_rr, rr = timed(lambda: evaluate_rank_reranked(q, g, *ids, k1=20, k2=6, lambda_value=0.3))
-    print(f"  [random features] bare q x g product {t_mm:.2f} s -> N x N product ~ {floor:.1f} s (x N^2 / (Q G))")
-    print(f"  evaluate_rank (no re-ranking)               {t_plain:8.2f} s   mAP {plain.mAP:.4f}")
+    everything = torch.cat([q, g])
+    rows = default_chunk_rows(n, n)
+    square_times, plain_times, rr_times = [], [], []
+    for round_ in range(ROUNDS):  # interleaved: a load change from other processes hits all three alike
+        square_times.append(square_product_seconds(everything, rows))
+        t, plain = timed(lambda: evaluate_rank(q, g, *ids))
+        plain_times.append(t)
+        if round_ == 0:
+            with PeakMemory() as mem:
+                t, rr = timed(lambda: evaluate_rank_reranked(q, g, *ids, k1=20, k2=6, lambda_value=0.3))
+            logging.getLogger("reid_core.metrics.reranking").setLevel(logging.WARNING)  # once is enough
+        else:
+            t, rr = timed(lambda: evaluate_rank_reranked(q, g, *ids, k1=20, k2=6, lambda_value=0.3))
+        rr_times.append(t)
+    t_square, t_plain, t_rr = median(square_times), median(plain_times), median(rr_times)
     print(
-        f"  evaluate_rank_reranked                      {t_rr:8.2f} s   mAP {rr.mAP:.4f}   ({t_rr / floor:.2f}x the N x N product)"
+        f"  [random features] N x N product (chunks of {rows} rows) {t_square:8.2f} s   median of runs {_runs(square_times)}"
     )
     print(
-        f"  peak resident memory above the features     {mem.extra / GIB:8.2f} GiB  "
-        f"(one dense N x N float32 matrix: {n * n * 4 / GIB:.1f} GiB)"
+        f"  evaluate_rank (no re-ranking)               {t_plain:8.2f} s   mAP {plain.mAP:.4f}   runs {_runs(plain_times)}"
     )
+    print(f"  evaluate_rank_reranked                      {t_rr:8.2f} s   mAP {rr.mAP:.4f}   runs {_runs(rr_times)}")
+    print(f"  (one dense N x N float32 matrix: {n * n * 4 / GIB:.1f} GiB)")
+    size = f"N = {n} ({s.queries}+{s.gallery}), {s.dim}-d"
+    report.figure(f"(c) evaluate_rank_reranked, {size}", t_rr, "s")
+    report.figure(f"(c) evaluate_rank_reranked / the measured N×N product, {size}", t_rr / t_square, "x")
+    report.figure(f"(c) evaluate_rank_reranked peak resident memory above the features, {size}", mem.extra / GIB,
+                  "GiB", target=("<=", 2))  # fmt: skip
 
 
 SECTIONS = {"a": section_a, "b": section_b, "c": section_c}
 
 
-def load_average() -> str:
-    """The machine's 1-minute load average: on a shared machine, above ~0 means other processes took CPU time."""
-    return f"{os.getloadavg()[0]:.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     parser.add_argument("--skip-rerank", action="store_true", help="skip section (c)")
     parser.add_argument("--section", choices=sorted(SECTIONS), help="run one section in this process")
+    parser.add_argument("--figures-to", type=Path, help=argparse.SUPPRESS)  # a section's figures, for the parent
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    if args.quick:
+        global ROUNDS
+        ROUNDS = 5  # small sizes: more rounds are cheap, and each time is short and noisier
     if args.section:
-        SECTIONS[args.section](sizes[args.section])
+        report = Report(f"section ({args.section})", quick=args.quick, path=args.figures_to)
+        SECTIONS[args.section](sizes[args.section], report)
+        report.write()
         return
     print(f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs, quick={args.quick}", flush=True)
-    for name in SECTIONS:
-        if name == "c" and args.skip_rerank:
-            continue
-        cmd = [sys.executable, __file__, "--section", name] + (["--quick"] if args.quick else [])
-        print(f"[load average before ({name}): {load_average()}]", flush=True)
-        subprocess.run(cmd, check=True)
-        print(f"[load average after ({name}): {load_average()}]\n", flush=True)
+    report = Report("bench/eval_speed.py", quick=args.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SECTIONS:
+            if name == "c" and args.skip_rerank:
+                continue
+            out = Path(tmp, f"{name}.json")
+            cmd = [sys.executable, __file__, "--section", name, "--figures-to", str(out)]
+            subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
+            report.extend(read_results(out)[f"section ({name})"]["figures"])
+            print(flush=True)
+    report.write()
 
 
 if __name__ == "__main__":

@@ -12,17 +12,19 @@ Measures, on scikit-image's astronaut photo (the only real face photo that ships
 
     .venv/bin/python bench/face_detector.py [--quick] [--workers N]
 
-Other load on the machine makes absolute times noisy: times are the best of several runs; compare the ratios.
+Other load on the machine makes absolute times noisy: times are medians of several runs; compare the ratios. The load
+average at start and end, and the figures of 4., are written to bench/results.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
+import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import dlib
 import numpy as np
@@ -31,6 +33,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from reid_core.guidance.faces import DEFAULT_SCORE_THRESHOLD, FaceDetector, upsample_for_height
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import Report, median_of_rounds  # noqa: E402
 
 # dlib's detection on the full 512×512 astronaut at upsample 0: (left, top, right, bottom), right/bottom exclusive
 ASTRONAUT_FACE = (179, 83, 267, 171)
@@ -83,7 +88,7 @@ def time_detect(detector: FaceDetector, image: np.ndarray, repeats: int):
         t = time.perf_counter()
         result = detector.detect([image])
         times.append(time.perf_counter() - t)
-    return min(times) * 1000, result  # the least disturbed run: other load only ever adds time
+    return statistics.median(times) * 1000, result
 
 
 def upsample_table(astronaut: np.ndarray, repeats: int, threshold: float) -> None:
@@ -253,13 +258,17 @@ def gil_check(image: np.ndarray) -> float:
     return busy / idle
 
 
-def pool_speedup(astronaut: np.ndarray, batch: int, workers: int, threshold: float, rounds: int) -> None:
+def pool_speedup(
+    astronaut: np.ndarray, batch: int, workers: int, threshold: float, rounds: int, report: Report
+) -> None:
     person = resize(astronaut[0:512, 96:352], 128, 64)
     rng = np.random.default_rng(1)
     images = np.stack([person if i % 2 else rng.integers(0, 256, person.shape, dtype=np.uint8) for i in range(batch)])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 128, 64) in [-1, 1]
     big = [np.asarray(Image.fromarray(im).resize((256, 512), Image.BICUBIC)) for im in images]  # as upsample 2
-    print(f"\n4. Batch of {batch} images 128x64 (upsample 2), {workers} threads; best of {rounds} interleaved rounds")
+    print(
+        f"\n4. Batch of {batch} images 128x64 (upsample 2), {workers} threads; medians of {rounds} interleaved rounds"
+    )
     print(
         f"   a Python thread runs at {gil_check(big[1]):.2f} of its idle speed while dlib detects (~0 if dlib held the GIL)"
     )
@@ -283,22 +292,30 @@ def pool_speedup(astronaut: np.ndarray, batch: int, workers: int, threshold: flo
     }
     for fn in runs.values():
         fn()  # warm-up: threads and their detectors
-    best = dict.fromkeys(runs, math.inf)
-    cores = dict.fromkeys(runs, 0.0)  # in the best round
-    for _ in range(rounds):
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):  # interleaved: a load change from other processes hits every variant alike
         for name, fn in runs.items():
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            if wall < best[name]:
-                best[name], cores[name] = wall, cpu / wall
-    same = pooled.detect(tensor).face_absent.equal(in_process.detect(tensor).face_absent)
-    for name, t in best.items():
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    differing = int((pooled.detect(tensor).face_absent != in_process.detect(tensor).face_absent).sum())
+    same = differing == 0
+    speedups = {}
+    for name in runs:
         ref = "dlib, 1 thread" if name.startswith("dlib") else "FaceDetector(workers=0)"
-        print(
-            f"{name:28s} {t / batch * 1000:6.1f} ms/img  {best[ref] / t:5.2f}x vs {ref:24s} cores used {cores[name]:.2f}"
-        )
+        t = median_of_rounds(walls[name])
+        speedups[name] = median_of_rounds([a / b for a, b in zip(walls[ref], walls[name], strict=True)])
+        cores = median_of_rounds([c / w for c, w in zip(cpus[name], walls[name], strict=True)])
+        print(f"{name:28s} {t / batch * 1000:6.1f} ms/img  {speedups[name]:5.2f}x vs {ref:24s} cores used {cores:.2f}")
     print(f"   the thread pool gives the same Δ as in-process: {same}")
+    report.figure("Δ per 128×64 person image (upsample 2), FaceDetector in the calling thread",
+                  median_of_rounds(walls["FaceDetector(workers=0)"]) / batch * 1000, "ms")  # fmt: skip
+    report.figure(f"FaceDetector(workers={workers}) vs in the calling thread, batch of {batch}",
+                  speedups[f"FaceDetector(workers={workers})"], "x")  # fmt: skip
+    report.figure(f"images whose Δ differs between FaceDetector(workers={workers}) and the calling thread, batch of {batch}",
+                  differing, "", target=("<=", 0))  # fmt: skip
     threads.shutdown()
     pooled.close()
 
@@ -340,7 +357,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
     args = parser.parse_args()
     astronaut = skimage.data.astronaut()
-    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other load makes times noisy)")
+    report = Report("bench/face_detector.py", quick=args.quick)
     upsample_table(astronaut, repeats=1 if args.quick else 5, threshold=args.threshold)
     upsampling_methods(astronaut, repeats=1 if args.quick else 5)
     face_size_sweep(astronaut, threshold=args.threshold)
@@ -350,9 +367,11 @@ def main() -> None:
         batch=16 if args.quick else 64,
         workers=args.workers,
         threshold=args.threshold,
-        rounds=2 if args.quick else 5,
+        rounds=3 if args.quick else 5,
+        report=report,
     )
     region_scale_sweep(astronaut, threshold=args.threshold)
+    report.write()
 
 
 if __name__ == "__main__":

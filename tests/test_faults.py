@@ -304,7 +304,11 @@ def test_gan_job_survives_throttling_outages_mlflow_down_and_a_killed_worker(
 
     # --- the throttled upload and the outages were retried in place: the only restart is the kill's
     assert s3_proxy.count(outcome="failed 503") == 1
-    assert [round(end - start) for start, end in s3_proxy.outages] == [6, 4]
+    # Two outages of 6 and 4 s: the proxy's timer brings S3 back no earlier than asked, and on a loaded machine its
+    # event loop may run the restore late, so the durations are compared with a tolerance, not rounded to whole seconds.
+    durations = [end - start for start, end in s3_proxy.outages]
+    assert len(durations) == 2, durations
+    assert all(want - 0.05 <= got <= want + 3 for got, want in zip(durations, (6, 4), strict=True)), durations
     assert s3_proxy.count(outcome="cut") >= 2  # each outage cut at least the request that began it
     assert len(_train_workers(stack, alive=False)) - workers_before == 4  # 2 workers, started twice
     resumed = [line for line in out.splitlines() if "resumed from epoch" in line]

@@ -80,8 +80,8 @@ def run_step(guidance, *, delta_real, delta_fake, critic=False, seed=0):
     g = TorchUpdater(gen, torch.optim.SGD(gen.parameters(), lr=0.05))
     d = TorchUpdater(disc, torch.optim.SGD(disc.parameters(), lr=0.05))
     c = None
-    if critic:
-        model = build_model("face_presence", channels=(4, 8), image_size=16)
+    if critic is not False:  # True: a fresh scorer; a module: that scorer (the caller keeps its weights to compare)
+        model = build_model("face_presence", channels=(4, 8), image_size=16) if critic is True else critic
         c = TorchUpdater(model, torch.optim.SGD(model.parameters(), lr=0.05))
     real = torch.rand(6, 3, *SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
     out = gan_step(g, d, real, z_dim=16, g_steps=2, generator=torch.Generator().manual_seed(3), guidance=guidance,
@@ -116,9 +116,15 @@ def test_weighted_mode_changes_the_discriminator_only_through_faceless_samples()
 def test_critic_mode_trains_the_scorer_and_pushes_the_generator():
     from reid_core.train.steps import Guidance
 
-    args = dict(delta_real=torch.tensor([1.0, 0, 1, 0, 1, 0]), delta_fake=torch.ones(6), critic=True)
-    out, g_c, _, critic = run_step(Guidance("critic", 0.0, 0.5), **args)
+    torch.manual_seed(1)
+    scorer = build_model("face_presence", channels=(4, 8), image_size=16)
+    scorer_before = params(scorer)
+    args = dict(delta_real=torch.tensor([1.0, 0, 1, 0, 1, 0]), delta_fake=torch.ones(6))
+    out, g_c, _, _ = run_step(Guidance("critic", 0.0, 0.5), critic=scorer, **args)
     assert math.isfinite(out["loss_critic"]) and 0 <= out["face_absent_fake"] <= 1
+    # the scorer is trained: its weights moved (every parameter tensor, as for G and D above)
+    assert changed(scorer_before, scorer)
+    args["critic"] = True
     _, g_0, _, _ = run_step(Guidance("critic", 0.0, 0.0), **args)
     # λ2 > 0 adds the face term to G's loss: the generator ends elsewhere than without it
     assert any(not torch.equal(a, b) for a, b in zip(g_c.parameters(), g_0.parameters(), strict=True))

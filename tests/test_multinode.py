@@ -1,6 +1,8 @@
 """Multi-node on one machine: a Ray head and a second Ray node (separate `ray start` processes, 1 CPU each, token auth,
 the head's dashboard and job server on), the GAN job submitted with `ray job submit` to the head, one Ray Train worker
-per node (placement SPREAD), checkpoints on the loopback S3, and the second node killed (SIGKILL) mid-run.
+per node (placement SPREAD), checkpoints on the loopback S3, and the second node killed (SIGKILL) mid-run: while
+``reid_core.proxy`` (between the job and S3) holds the job's data reads half-way through epoch 1, so that the kill
+lands at a known point instead of racing the running job.
 
 How it recovers: Ray Train V2 (Ray 2.60) supports elastic training, ``ScalingConfig(num_workers=(min, max))`` (our
 ``scaling.min_workers``). When the node dies, the worker group fails and FailureConfig restarts it; the elastic
@@ -20,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -28,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from reid_core.config import ConfigError, GanJobConfig, ScalingConfig, load_config
+from reid_core.proxy import Hold
 from reid_core.stack import Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +117,29 @@ def two_nodes(tmp_path_factory, s3_server):
         stack.down()
 
 
+class HoldAfterFirstCheckpoint:
+    """A ``reid_core.proxy`` hook: once the run's first checkpoint is being uploaded, the job's data reads go on for
+    ``reads`` more GETs (into the next epoch), then every data read is held until ``release`` is set. The job then
+    stands still, both workers alive, at a known point, while the test checks the placement and kills a node."""
+
+    def __init__(self, run_name: str, data_uri: str, release: threading.Event, reads: int) -> None:
+        self.run_name, self.release, self.reads = run_name, release, reads
+        self.data_key = data_uri.split("://", 1)[1].split("/", 1)[1]  # key prefix of the dataset
+        self.uploading = False
+        self.held = threading.Event()
+
+    def __call__(self, method: str, path: str):
+        if method in ("PUT", "POST") and f"/{self.run_name}/checkpoint_" in path:
+            # a file inside a checkpoint folder, not Ray's checkpoint_manager_snapshot.json next to them
+            self.uploading |= "/" in path.split(f"/{self.run_name}/", 1)[1].split("?", 1)[0]
+        elif method == "GET" and self.data_key in path and self.uploading:
+            self.reads -= 1
+            if self.reads <= 0:
+                self.held.set()
+                return Hold(self.release, timeout=600)
+        return None
+
+
 def _read_s3_json(fs, path: str) -> dict | None:
     try:
         return json.loads(fs.cat_file(path))
@@ -121,7 +148,7 @@ def _read_s3_json(fs, path: str) -> dict | None:
 
 
 @pytest.mark.slow
-def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp_path):
+def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, s3_proxy, tmp_path):
     import s3fs
     from mlflow.tracking import MlflowClient
 
@@ -136,9 +163,16 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
          "--cameras", "2"], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, timeout=300,
     )  # fmt: skip
 
+    # The job reaches S3 through the fault proxy, which holds its data reads half-way through epoch 1 (after epoch 0's
+    # checkpoint): the node is killed while the job stands still there, not raced against a running job.
+    release = threading.Event()
+    hold = HoldAfterFirstCheckpoint(run_name, data, release, reads=24)
+    s3_proxy.add_hook(hold)
+    job_env = {k: v for k, v in env.items() if not k.startswith("RAY_") and k != "AWS_ENDPOINT_URL_S3"}
+    job_env["AWS_ENDPOINT_URL"] = s3_proxy.url
     runtime_env = {
         "env_vars": {
-            **{k: v for k, v in env.items() if not k.startswith("RAY_")},
+            **job_env,
             "DS_ACCELERATOR": "cpu",
             # This machine may run several Ray clusters (other tests' heads): Train V2's placement-group cleaner
             # finds its own through RAY_ADDRESS, otherwise it stops with "Found multiple active Ray instances".
@@ -165,7 +199,12 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
     with job_log.open("w") as log_file:
         job = subprocess.Popen(submit, cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        # --- wait until the run's first checkpoint is registered in S3 (Ray's checkpoint-manager snapshot)
+        # --- wait until the job is held mid-epoch 1, then until its first checkpoint is registered in S3 (Ray's
+        # checkpoint-manager snapshot, written by the controller whatever the workers do)
+        deadline = time.monotonic() + 600
+        while not hold.held.wait(1.0):
+            assert job.poll() is None, f"the job ended before it was held:\n{job_log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, f"the job was not held within 600 s:\n{job_log.read_text()[-6000:]}"
         fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
                                endpoint_url=env["AWS_ENDPOINT_URL"])  # fmt: skip
         snapshot_path = f"{storage.removeprefix('s3://')}/{run_name}/checkpoint_manager_snapshot.json"
@@ -182,7 +221,7 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
         epoch_before = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
         t_checkpoint = time.monotonic() - t0
 
-        # SPREAD: the two workers of the first group run on the two nodes.
+        # SPREAD: the two workers of the first group run on the two nodes (both alive: held on their reads).
         workers = [
             a for a in stack.ray_state("actors") if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
         ]
@@ -191,8 +230,10 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, tmp
         # --- lose the second node (SIGKILL to all its processes), then let the job finish
         stack.remove_ray_node("worker-1")
         t_kill = time.monotonic() - t0
+        release.set()
         job.wait(timeout=600)
     finally:
+        release.set()
         if job.poll() is None:
             job.kill()
             job.wait()

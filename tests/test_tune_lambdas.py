@@ -226,7 +226,12 @@ def interrupted_search(services_stack, s3_server):
         os.kill(first.pid, signal.SIGKILL)  # a killed driver: no cleanup of its own
         first.wait(timeout=60)
     killed_at = time.time()
-    time.sleep(5)  # Ray notices the dead driver and releases its trials' actors and placement groups
+    # Ray notices the dead driver and removes its trials' placement groups (and the actors in them): wait for that
+    # state, not for a fixed time, so that the resumed search does not find the old trials' resources still taken.
+    deadline = time.monotonic() + 180
+    while held := [g for g in services_stack.ray_state("placement_groups") if g["state"] != "REMOVED"]:
+        assert time.monotonic() < deadline, f"Ray still holds placement groups 180 s after the driver died: {held}"
+        time.sleep(0.5)
     # --resume-errored too: a trial the kill (or the memory of a shared machine) turned into an error runs again
     resumed = run_job([*args, "--resume", "--resume-errored"], env, timeout=1200)
     assert resumed.returncode == 0, f"{resumed.stdout[-6000:]}\n{resumed.stderr[-6000:]}"
