@@ -211,11 +211,29 @@ def preflight_reid(cfg: ReidJobConfig) -> dict:
         )
     per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
                                       num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    if cfg.model.pretrained:  # read and matched against the model here, so a wrong checkpoint costs no cluster time
+        check_pretrained(cfg, training.num_classes, settings)
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
     return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
             "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
+
+
+def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
+    """Load ``model.pretrained`` into the configured model once; raises ``ValueError`` (one line) if it cannot."""
+    from reid_core.models import build_model
+    from reid_core.models.pretrained import load_pretrained, read_state_dict
+    from reid_core.train.loops import reid_model_kwargs
+
+    if not cfg.model.pretrained.startswith(("https://", "http://")):
+        storage.check_location(cfg.model.pretrained, settings, must_exist=True)
+    kwargs = reid_model_kwargs(cfg.model.name, num_classes=num_classes, feature_dim=cfg.model.feature_dim,
+                               dropout_rate=cfg.model.dropout_rate, image_size=cfg.data.image_size,
+                               face_size=cfg.model.face_size, bnneck=cfg.model.bnneck,
+                               last_stride=cfg.model.last_stride)  # fmt: skip
+    state = read_state_dict(cfg.model.pretrained, settings)
+    load_pretrained(build_model(cfg.model.name, **kwargs), state, uri=f"model.pretrained: {cfg.model.pretrained}")
 
 
 def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = None, callbacks=None) -> dict:
