@@ -223,8 +223,9 @@ def preflight_reid(cfg: ReidJobConfig) -> dict:
 def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
     """Load ``model.pretrained`` into the configured model once; raises ``ValueError`` (one line) if it cannot."""
     from reid_core.models import build_model
-    from reid_core.models.pretrained import load_pretrained, read_state_dict
+    from reid_core.models.pretrained import load_pretrained
     from reid_core.train.loops import reid_model_kwargs
+    from reid_core.train.pretrained import read_state_dict
 
     if not cfg.model.pretrained.startswith(("https://", "http://")):
         storage.check_location(cfg.model.pretrained, settings, must_exist=True)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 from reid_core.models import build_model
-from reid_core.models.pretrained import PretrainedError, load_pretrained, read_state_dict
+from reid_core.models.pretrained import PretrainedError, load_pretrained
+from reid_core.train.pretrained import read_state_dict
 
 CONDENSENET74 = dict(stages=(4, 6, 8, 10, 8), growth=(8, 16, 32, 64, 128))
 TINY = dict(stages=(2, 2), growth=(4, 8))

@@ -1,9 +1,9 @@
 """ImageNet initialisation of re-ID backbones from a checkpoint URI (config key ``model.pretrained``).
 
-``read_state_dict(uri)`` reads a checkpoint from ``s3://bucket/key``, a local path or ``https://`` (meant for a
-cluster with internet access; tests never download) with ``torch.load(weights_only=True)``: tensors and plain
+``state_dict_from_bytes(data)`` reads a checkpoint with ``torch.load(weights_only=True)``: tensors and plain
 containers only, never arbitrary pickled objects. A ``{"state_dict": ...}`` wrapper and DataParallel's ``module.``
-prefix are removed.
+prefix are removed. (``reid_core.train.pretrained.read_state_dict`` fetches the bytes from ``s3://``, a local path or
+``https://``: no storage access here.)
 
 ``load_pretrained(model, state)`` copies the backbone; the re-ID head (feature layer, (N+1)-way classifier) stays
 freshly initialised, and the checkpoint's ImageNet classifier is dropped. Supported formats:
@@ -38,18 +38,9 @@ class PretrainedError(ValueError):
     """A checkpoint that cannot initialise this model: says which checkpoint, which key and why."""
 
 
-def read_state_dict(uri: str, settings=None) -> dict[str, torch.Tensor]:
-    """The checkpoint at ``uri`` (s3://, a local path, https://) as a flat ``{key: tensor}``, unwrapped (module
-    docstring)."""
-    if uri.startswith(("https://", "http://")):
-        import urllib.request
-
-        with urllib.request.urlopen(uri, timeout=300) as response:  # noqa: S310 (a URL the user configured)
-            data = response.read()
-    else:
-        from reid_core import storage
-
-        data = storage.read_bytes(uri, settings)
+def state_dict_from_bytes(data: bytes, uri: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A checkpoint's bytes as a flat ``{key: tensor}``, unwrapped (module docstring); ``torch.load`` with
+    ``weights_only=True``: a checkpoint holding anything but tensors and plain containers is refused."""
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (any unpickling refusal: one line)

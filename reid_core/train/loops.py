@@ -385,7 +385,8 @@ def train_reid_loop(loop_config: dict) -> None:
                                      last_stride=cfg.model.last_stride)  # fmt: skip
     model = build_model(cfg.model.name, **model_kwargs)
     if cfg.model.pretrained:  # a resumed run overwrites it with its checkpoint below
-        from reid_core.models.pretrained import load_pretrained, read_state_dict
+        from reid_core.models.pretrained import load_pretrained
+        from reid_core.train.pretrained import read_state_dict
 
         copied = load_pretrained(model, read_state_dict(cfg.model.pretrained), uri=cfg.model.pretrained)
         log.info("rank %d: backbone initialised from %s (%d tensors)", rank, cfg.model.pretrained, copied)
