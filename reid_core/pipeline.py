@@ -315,6 +315,17 @@ def convert_checked(model, example):
     return deploy, stages, diff
 
 
+def deploy_form(model, example):
+    """The model to register: CondenseNet converted (``convert_checked``); a model without learned group convolutions
+    (``resnet50``) as it is. Returns (deploy, condensing stages applied now, relative difference, converted)."""
+    from reid_core.models.condense import learned_group_convs
+
+    if not learned_group_convs(model):
+        return model, 0, 0.0, False
+    deploy, stages, diff = convert_checked(model, example)
+    return deploy, stages, diff, True
+
+
 def export_torchscript(feature_model, example, path: Path) -> None:
     """Trace the feature model to TorchScript and check the traced outputs equal the eager ones."""
     import torch
@@ -379,9 +390,8 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     else:
         example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
         training_form = FeatureModel(model).eval()
-        deploy, stages, diff = convert_checked(model, example)
+        deploy, stages, diff, converted = deploy_form(model, example)
         feature_model = FeatureModel(deploy).eval()
-        converted = True
 
     common = dict(image_size=(h, w), batch_size=cfg.eval.batch_size, face_boxes=face_boxes,
                   face_size=cfg.model.face_size, device=device, settings=settings)  # fmt: skip

@@ -168,3 +168,15 @@ def test_msmt17_config_is_the_strong_recipe():
 def test_invalid_recipe_options_fail_with_the_key_to_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
         load_config(ReidJobConfig, None, overrides)
+
+
+def test_resnet50_is_registered_as_it_is_and_condensenet_converted():
+    from reid_core.pipeline import deploy_form
+
+    example = torch.randn(2, 3, 64, 32)
+    resnet = build_model("resnet50", num_classes=3, feature_dim=8).eval()
+    deploy, stages, diff, converted = deploy_form(resnet, example)
+    assert deploy is resnet and (stages, diff, converted) == (0, 0.0, False)
+    tiny = build_model("condensenet_tiny", num_classes=3).eval()
+    deploy, stages, diff, converted = deploy_form(tiny, example)
+    assert converted and stages > 0 and diff <= 1e-4 and deploy is not tiny
