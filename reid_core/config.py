@@ -525,7 +525,8 @@ class ReidJobConfig:
         if is_dual_stream(self.model.name):
             used = [key for key, on in (("model.pretrained", self.model.pretrained is not None),
                                         ("model.bnneck", self.model.bnneck), ("model.last_stride", self.model.last_stride != 2),
-                                        ("loss.triplet", self.loss.triplet > 0)) if on]  # fmt: skip
+                                        ("loss.triplet", self.loss.triplet > 0),
+                                        ("data.random_erasing", self.data.random_erasing > 0)) if on]  # fmt: skip
             if used:
                 raise ConfigError(f"{used[0]}: not available for the Dual-Stream CNN ({self.model.name}); "
                                   "CondenseNet and resnet50 only")  # fmt: skip

@@ -163,6 +163,10 @@ def test_msmt17_config_is_the_strong_recipe():
         (["model.last_stride=3"], "model.last_stride: expected 1 or 2, got 3"),
         (["model.pretrained=ftp://host/x.pth"], "model.pretrained: 'ftp://host/x.pth': expected s3://bucket/key"),
         (["model.name=dual_stream", "data.image_size=[64,64]", "model.bnneck=true"], "model.bnneck: not available"),
+        (
+            ["model.name=dual_stream", "data.image_size=[64,64]", "data.random_erasing=0.5"],
+            "data.random_erasing: not available for the Dual-Stream CNN",
+        ),  # fmt: skip
     ],
 )
 def test_invalid_recipe_options_fail_with_the_key_to_fix(overrides, message):
