@@ -19,8 +19,8 @@ Features: query + gallery records are cut into chunks of ``--chunk-size`` images
 ``--workers`` Ray actors (``--cpus-per-worker`` CPUs each), each of which loads the registered model once and runs
 batch inference (``--batch-size`` images per forward pass, images read from S3 with many requests in flight). With
 ``--flip`` a feature is the normalised sum of the image's and its mirror image's (normalised) features. For the
-Dual-Stream model each actor also finds the face boxes of its chunk (dlib HOG, else the dataset's face tag), as
-``train_reid`` does. Progress: a tqdm bar and one log line per chunk.
+Dual-Stream model each actor also finds the face boxes of its chunk with the detector only (dlib HOG; never the
+dataset's face tags), as ``train_reid``'s evaluation does. Progress: a tqdm bar and one log line per chunk.
 
 Metrics (``reid_core.metrics.evaluate_rank``, the Market-1501 / MSMT17 protocol: same-id same-camera gallery images
 are junk, queries without a match are skipped and counted): ``rank1``, ``rank5``, ``rank10``, ``mAP``, ``mINP``,

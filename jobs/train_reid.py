@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from reid_core import pipeline, storage, tracking  # noqa: E402
 from reid_core.config import ConfigError, ReidJobConfig, load_config  # noqa: E402
 from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.train.reid_data import describe_training_split  # noqa: E402
 
 log = logging.getLogger("train_reid")
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # Logging starts after the checks, so that a refused input is exactly one line on stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     mlflow_uri, training = pre["mlflow_uri"], pre["training"]
+    print(describe_training_split(pre["splits"]), flush=True)  # before any cluster time is spent
 
     try:
         out = pipeline.run_reid(cfg, pre)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow run:        {run_id} ({mlflow_uri}, experiment {cfg.tracking.experiment!r})")
     print(f"registered model:  {cfg.tracking.registered_model} version {final['version']} "
           f"(alias @{cfg.tracking.alias}; converted={final['converted']})")  # fmt: skip
+    print(f"training split:    {describe_training_split(pre['splits']).removeprefix('training split: ')}")
     print(f"training data:     {training.num_real} images of {training.num_classes} identities + "
           f"{training.num_generated} distractors ({pre['per_batch']} per batch, loss {cfg.loss.mode})")  # fmt: skip
     print(f"retrieval:         Rank-1 {m['rank1']:.4f}  Rank-5 {m['rank5']:.4f}  Rank-10 {m['rank10']:.4f}  "

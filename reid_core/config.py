@@ -324,7 +324,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 REID_LOSS_MODES = ("distractor_class", "lsro")
 REID_OPTIMIZERS = ("sgd", "adam")
-REID_SCHEDULES = ("cosine", "constant")
+REID_SCHEDULES = ("cosine", "step", "constant")
 EVAL_METRICS = ("euclidean", "cosine")
 
 
@@ -345,6 +345,7 @@ class ReidDataConfig:
     pad: int = 10  # training augmentation: zero padding (px) then a random crop back to image_size; 0 = none
     flip: float = 0.5  # training augmentation: probability of a horizontal flip
     loader_workers: int = 0  # DataLoader processes per training worker (forkserver: s3fs is not fork-safe)
+    random_erasing: float = 0.0  # training augmentation: probability of erasing one random rectangle; 0 = off
 
 
 @dataclass
@@ -362,6 +363,11 @@ class ReidModelConfig:
     feature_dim: int = 512  # D, the retrieval feature
     dropout_rate: float = 0.0  # 0.4 for the Dual-Stream CNN (paper)
     face_size: int = 64  # Dual-Stream face crop side (px); ignored by CondenseNet
+    # ImageNet initialisation of the backbone (reid_core/models/pretrained.py): s3://..., a local path, or https://
+    # (a cluster with internet access); the official CondenseNet training-form checkpoint or torchvision's ResNet-50.
+    pretrained: str | None = None
+    bnneck: bool = False  # BNNeck (Luo et al., 2019): triplet before the feature BN, ID loss after it
+    last_stride: int = 2  # 1: the last block keeps its predecessor's resolution (CondenseNet, ResNet-50)
 
 
 @dataclass
@@ -369,6 +375,9 @@ class ReidLossConfig:
     mode: str = "distractor_class"  # distractor_class (N+1 classes) | lsro (uniform over the N real classes)
     group_lasso: float = 1e-5  # CondenseNet's group-lasso strength during condensation; 0 = off
     face_presence: float = 1.0  # Dual-Stream: weight of the face-presence head's BCE on the face labels
+    label_smoothing: float = 0.0  # ε of the ID loss, in [0, 1); 0 = off (reid_core/losses.py)
+    triplet: float = 0.0  # weight of the batch-hard triplet loss next to the ID loss; 0 = off
+    triplet_margin: float = 0.3  # its margin (Euclidean, on the metric feature)
 
 
 @dataclass
@@ -380,7 +389,11 @@ class ReidOptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    schedule: str = "cosine"  # cosine (per step, to 0 at the end) | constant
+    schedule: str = "cosine"  # cosine (per step, to 0 at the end) | step (× step_gamma at each milestone) | constant
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_factor·lr to lr over these epochs; 0 = off
+    warmup_factor: float = 0.01
+    step_milestones: list[int] = field(default_factory=lambda: [40, 70])  # step: epochs where the lr drops
+    step_gamma: float = 0.1
     epochs: int = 120
     identities_per_batch: int = 16  # P, per worker
     images_per_identity: int = 4  # K
@@ -450,6 +463,9 @@ class ReidJobConfig:
             ("data.pad", self.data.pad),
             ("data.loader_workers", self.data.loader_workers),
             ("eval.every_epochs", self.eval.every_epochs),
+            ("loss.triplet", self.loss.triplet),
+            ("loss.triplet_margin", self.loss.triplet_margin),
+            ("optim.warmup_epochs", self.optim.warmup_epochs),
         ):
             if value < 0:
                 raise ConfigError(f"{key}: expected ≥ 0, got {value}")
@@ -458,6 +474,7 @@ class ReidJobConfig:
         if self.optim.nesterov and self.optim.optimizer == "sgd" and self.optim.momentum == 0:
             raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
         check_unit_interval("data.flip", self.data.flip)
+        self._validate_recipe()
         if not 0.0 <= self.model.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate: expected a value in [0, 1), got {self.model.dropout_rate}")
         for key, value in (("data.max_images", self.data.max_images),
@@ -483,6 +500,36 @@ class ReidJobConfig:
                     f"model.face_size: {self.model.face_size} must equal the person image side {h} (the registered "
                     "Dual-Stream model stacks image and face crop into one (N, 6, S, S) input)"
                 )
+
+    def _validate_recipe(self) -> None:
+        """The recipe options of issue #17 (all off by default)."""
+        check_unit_interval("data.random_erasing", self.data.random_erasing)
+        if not 0.0 <= self.loss.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing: expected a value in [0, 1), got {self.loss.label_smoothing}")
+        check_unit_interval("optim.warmup_factor", self.optim.warmup_factor)
+        check_positive("optim.step_gamma", self.optim.step_gamma)
+        if self.optim.warmup_epochs >= self.optim.epochs:
+            raise ConfigError(f"optim.warmup_epochs: {self.optim.warmup_epochs} must be less than optim.epochs "
+                              f"({self.optim.epochs})")  # fmt: skip
+        if self.optim.schedule == "step" and (
+            not self.optim.step_milestones or any(m <= 0 for m in self.optim.step_milestones)
+        ):
+            raise ConfigError(f"optim.step_milestones: expected positive epochs, got {self.optim.step_milestones}")
+        if self.model.last_stride not in (1, 2):
+            raise ConfigError(f"model.last_stride: expected 1 or 2, got {self.model.last_stride}")
+        if self.model.pretrained is not None:
+            scheme = self.model.pretrained.split("://", 1)[0] if "://" in self.model.pretrained else "path"
+            if not self.model.pretrained or scheme not in ("s3", "https", "http", "path"):
+                raise ConfigError(f"model.pretrained: {self.model.pretrained!r}: expected s3://bucket/key, a local "
+                                  "path or https://...")  # fmt: skip
+        if is_dual_stream(self.model.name):
+            used = [key for key, on in (("model.pretrained", self.model.pretrained is not None),
+                                        ("model.bnneck", self.model.bnneck), ("model.last_stride", self.model.last_stride != 2),
+                                        ("loss.triplet", self.loss.triplet > 0),
+                                        ("data.random_erasing", self.data.random_erasing > 0)) if on]  # fmt: skip
+            if used:
+                raise ConfigError(f"{used[0]}: not available for the Dual-Stream CNN ({self.model.name}); "
+                                  "CondenseNet and resnet50 only")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- λ search

@@ -211,11 +211,30 @@ def preflight_reid(cfg: ReidJobConfig) -> dict:
         )
     per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
                                       num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    if cfg.model.pretrained:  # read and matched against the model here, so a wrong checkpoint costs no cluster time
+        check_pretrained(cfg, training.num_classes, settings)
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
     return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
             "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
+
+
+def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
+    """Load ``model.pretrained`` into the configured model once; raises ``ValueError`` (one line) if it cannot."""
+    from reid_core.models import build_model
+    from reid_core.models.pretrained import load_pretrained
+    from reid_core.train.loops import reid_model_kwargs
+    from reid_core.train.pretrained import read_state_dict
+
+    if not cfg.model.pretrained.startswith(("https://", "http://")):
+        storage.check_location(cfg.model.pretrained, settings, must_exist=True)
+    kwargs = reid_model_kwargs(cfg.model.name, num_classes=num_classes, feature_dim=cfg.model.feature_dim,
+                               dropout_rate=cfg.model.dropout_rate, image_size=cfg.data.image_size,
+                               face_size=cfg.model.face_size, bnneck=cfg.model.bnneck,
+                               last_stride=cfg.model.last_stride)  # fmt: skip
+    state = read_state_dict(cfg.model.pretrained, settings)
+    load_pretrained(build_model(cfg.model.name, **kwargs), state, uri=f"model.pretrained: {cfg.model.pretrained}")
 
 
 def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = None, callbacks=None) -> dict:
@@ -296,6 +315,17 @@ def convert_checked(model, example):
     return deploy, stages, diff
 
 
+def deploy_form(model, example):
+    """The model to register: CondenseNet converted (``convert_checked``); a model without learned group convolutions
+    (``resnet50``) as it is. Returns (deploy, condensing stages applied now, relative difference, converted)."""
+    from reid_core.models.condense import learned_group_convs
+
+    if not learned_group_convs(model):
+        return model, 0, 0.0, False
+    deploy, stages, diff = convert_checked(model, example)
+    return deploy, stages, diff, True
+
+
 def export_torchscript(feature_model, example, path: Path) -> None:
     """Trace the feature model to TorchScript and check the traced outputs equal the eager ones."""
     import torch
@@ -360,9 +390,8 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     else:
         example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
         training_form = FeatureModel(model).eval()
-        deploy, stages, diff = convert_checked(model, example)
+        deploy, stages, diff, converted = deploy_form(model, example)
         feature_model = FeatureModel(deploy).eval()
-        converted = True
 
     common = dict(image_size=(h, w), batch_size=cfg.eval.batch_size, face_boxes=face_boxes,
                   face_size=cfg.model.face_size, device=device, settings=settings)  # fmt: skip

@@ -63,6 +63,9 @@ CASES: dict[str, Case] = {
         dict(num_classes=3, feature_dim=8), lambda: (torch.randn(2, 3, 32, 32),), _condensenet_loss, reid=True
     ),
     "condensenet_tiny": Case(dict(num_classes=5), lambda: (torch.randn(4, 3, 32, 16),), _condensenet_loss, reid=True),
+    "resnet50": Case(
+        dict(num_classes=3, feature_dim=8), lambda: (torch.randn(4, 3, 64, 32),), _condensenet_loss, reid=True
+    ),
     "dual_stream": Case(dict(num_classes=3), _dual_stream_inputs(64), _dual_stream_loss, reid=True),
     "dual_stream_tiny": Case(dict(num_classes=5), _dual_stream_inputs(16), _dual_stream_loss, reid=True),
     "face_presence": Case(dict(channels=(4, 8), image_size=(16, 12)), lambda: (torch.randn(4, 3, 32, 16),)),

@@ -170,7 +170,7 @@ def test_shipped_configs_load(name):
     ("overrides", "message"),
     [
         (["loss.mode=soft"], "loss.mode: 'soft' is not one of distractor_class, lsro"),
-        (["model.name=resnet50"], "model.name: 'resnet50' is not one of"),
+        (["model.name=resnet18"], "model.name: 'resnet18' is not one of"),
         (["model.name=dual_stream", "data.image_size=[128,64]"], "square person images"),
         (["model.name=dual_stream", "data.image_size=[64,64]", "model.face_size=32"], "model.face_size: 32 must equal"),
         (["data.image_size=[16,8]"], "condensenet74 needs sides of at least 32 px"),

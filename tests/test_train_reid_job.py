@@ -208,3 +208,57 @@ def test_train_reid_dual_stream_smoke_test_with_faces(s3_server, services_stack,
     with torch.no_grad():
         feats = model(x)
     assert feats.shape == (2, 64) and torch.allclose(feats.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_reid_strong_recipe_from_an_official_checkpoint_in_s3(s3_server, services_stack, monkeypatch):
+    """The strong recipe of issue #17 end to end, directly against the stack's Ray head: the backbone starts from an
+    official-format CondenseNet checkpoint in the loopback S3 (``module.`` keys in ``{"state_dict": ...}``, fully
+    condensed), BNNeck, batch-hard triplet, label smoothing, random erasing, last stride 1, warm-up then step decay;
+    the condensed model converts and registers as in the plain recipe."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from reid_core import storage
+    from tests.test_pretrained import TINY, official_condensenet_state
+
+    env = services_stack.full_env
+    tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=16, num_distractors=16)
+    checkpoint = f"s3://{s3_server.bucket}/reid-{tag}/pretrained/condensenet_tiny.pth.tar"
+    buf = io.BytesIO()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in official_condensenet_state(**TINY).items()}}, buf)
+    storage.write_bytes(checkpoint, buf.getvalue())
+    model_name = f"reid-strong-{tag}"
+    recipe = ["optim.epochs=3", f"model.pretrained={checkpoint}", "model.bnneck=true", "model.last_stride=1",
+              "loss.triplet=1.0", "loss.label_smoothing=0.1", "data.random_erasing=0.5", "optim.warmup_epochs=1",
+              "optim.schedule=step", "optim.step_milestones=[2]", "scaling.num_workers=1"]  # fmt: skip
+    proc = run(
+        [
+            sys.executable, "jobs/train_reid.py", "--config", "configs/reid_demo.yaml", "--smoke-test",
+            *[arg for item in recipe for arg in ("--set", item)],
+            "--set", f"data.uri={data}", "--set", f"distractors.uri={distractors}",
+            "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=e2e-strong-{tag}",
+            "--set", f"tracking.registered_model={model_name}", "--set", "tracking.experiment=e2e-reid-strong",
+        ],
+        {**env, "DS_ACCELERATOR": "cpu"},
+        timeout=900,
+    )  # fmt: skip
+    assert "=== train_reid summary ===" in proc.stdout
+    assert "training split:    " in proc.stdout and "merge_val=false" in proc.stdout
+
+    client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
+    version = client.get_model_version_by_alias(model_name, "candidate")
+    assert version.tags["converted"] == "True"
+    run_info = client.get_run(version.run_id)
+    metrics, params = run_info.data.metrics, run_info.data.params
+    assert params["model.bnneck"] == "True" and params["model.last_stride"] == "1"
+    for key in ("rank1", "mAP", "mINP"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["convert_max_rel_diff"] <= 1e-4
+    triplet = sorted(client.get_metric_history(version.run_id, "triplet"), key=lambda m: m.step)
+    assert [m.step for m in triplet] == [0, 1, 2] and all(m.value >= 0 for m in triplet)
+    lr = [m.value for m in sorted(client.get_metric_history(version.run_id, "lr"), key=lambda m: m.step)]
+    base = 0.1  # configs/reid_demo.yaml; the last step of the warm-up epoch is just under it, then step decay at 2
+    assert lr[0] < base and lr[1] == pytest.approx(base) and lr[2] == pytest.approx(base * 0.1)
+    # fully condensed from the checkpoint: no condensing stage is due during training
+    assert [m.value for m in client.get_metric_history(version.run_id, "condensing_stage")] == [3.0, 3.0, 3.0]

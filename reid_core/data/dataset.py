@@ -116,13 +116,16 @@ def build_transforms(
     train: bool,
     flip_p: float = 0.5,
     pad: int = 0,
+    erase_p: float = 0.0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """PIL RGB image -> (3, height, width) float32 tensor, normalised by ``mean``/``std``.
 
     Training adds a random horizontal flip (probability ``flip_p``) and, with ``pad > 0``, zero padding by ``pad``
-    pixels followed by a random (height, width) crop. Evaluation only resizes and normalises.
+    pixels followed by a random (height, width) crop; with ``erase_p > 0``, random erasing (Zhong et al., 2020;
+    torchvision's ``RandomErasing`` with its default area and aspect ranges) of one rectangle per image with that
+    probability, filled with 0 after normalisation (the dataset mean). Evaluation only resizes and normalises.
     """
     # Geometry first, on the PIL image (PIL's C resize of a small image costs less than a tensor resize), then one
     # conversion to a float tensor: ~20% faster per image than converting first, which matters to a 1-CPU worker.
@@ -133,6 +136,8 @@ def build_transforms(
         if pad > 0:
             steps.append(v2.RandomCrop((height, width), padding=pad))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    if train and erase_p > 0:
+        steps.append(v2.RandomErasing(p=erase_p, value=0.0))
     return v2.Compose(steps)
 
 

@@ -397,7 +397,11 @@ def read_msmt17(root: str, *, merge_val: bool = False, version: str | None = Non
         pid_map=pid_map,
         layout="msmt17",
         root=tree.base,
-        details={"version": version, "merge_val": merge_val},
+        details={
+            "version": version,
+            "merge_val": merge_val,
+            "list_counts": {name: len(lists[name]) for name in train_names},
+        },  # fmt: skip
     )
     _check_nonempty("msmt17", tree.base, splits.train, splits.query, splits.gallery)
     return splits

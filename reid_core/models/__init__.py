@@ -73,4 +73,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 # Import the model families so that they register themselves. Keep this list in one place.
-from reid_core.models import condensenet, dcgan, dual_stream  # noqa: E402,F401
+from reid_core.models import condensenet, dcgan, dual_stream, resnet  # noqa: E402,F401

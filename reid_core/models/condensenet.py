@@ -103,6 +103,11 @@ class CondenseNet(nn.Module):
         bottleneck: width of the 1×1 output as a multiple of the growth rate.
         feature_dim: D, size of the retrieval feature.
         dropout_rate: dropout inside the learned group convolutions and before the classifier.
+        bnneck: BNNeck (Luo et al., 2019): the feature layer's batch norm gets no bias (frozen at 0) and the classifier
+            none; ``forward(x, return_features=True)`` gives the metric (triplet) feature *before* that batch norm.
+            Off: the metric feature is the retrieval feature. Retrieval always uses the normalised feature.
+        last_stride: 2 (ImageNet layout) or 1: the last block keeps its predecessor's resolution (no 2×2 pooling
+            before it; 16×8 instead of 8×4 at 256×128).
 
     Any input size whose sides are at least 2^len(stages) works (adaptive pooling); the recipe uses 256×128.
     """
@@ -118,8 +123,12 @@ class CondenseNet(nn.Module):
         bottleneck: int = 4,
         feature_dim: int = 512,
         dropout_rate: float = 0.0,
+        bnneck: bool = False,
+        last_stride: int = 2,
     ):
         super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"CondenseNet: last_stride must be 1 or 2, got {last_stride}")
         if num_classes < 1:
             raise ValueError(f"CondenseNet: num_classes (real identities) must be >= 1, got {num_classes}")
         if not stages or len(stages) != len(growth) or min(stages) < 1 or min(growth) < 1:
@@ -135,7 +144,8 @@ class CondenseNet(nn.Module):
         blocks: list[nn.Module] = []
         for i, (layers, rate) in enumerate(zip(stages, growth, strict=True)):
             if i > 0:
-                blocks.append(nn.AvgPool2d(2))
+                last = i == len(stages) - 1
+                blocks.append(nn.Identity() if last and last_stride == 1 else nn.AvgPool2d(2))
             for _ in range(layers):
                 blocks.append(
                     DenseLayer(
@@ -154,8 +164,11 @@ class CondenseNet(nn.Module):
         self.final = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
         self.feature = nn.Sequential(nn.Linear(channels, feature_dim, bias=False), nn.BatchNorm1d(feature_dim))
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
-        self.classifier = nn.Linear(feature_dim, num_classes + 1)
+        self.classifier = nn.Linear(feature_dim, num_classes + 1, bias=not bnneck)
+        self.bnneck = bnneck
         self._init_weights()
+        if bnneck:
+            self.feature[1].bias.requires_grad_(False)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -187,6 +200,16 @@ class CondenseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) -> logits (N, num_classes + 1); the last column is the distractor class."""
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.unused
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> (metric feature (N, feature_dim), logits (N, num_classes + 1)): the metric feature, for a triplet
+        loss, is the feature before the feature layer's batch norm with ``bnneck``, else the retrieval feature."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"CondenseNet expects images of shape (N, 3, H, W), got {list(x.shape)}")
+        pre = self.feature[0](self.forward_backbone(x))
+        post = self.feature[1](pre)
+        return (pre if self.bnneck else post), self.forward_head(post)
 
     def get_classifier(self) -> nn.Linear:
         return self.classifier
@@ -228,7 +251,9 @@ def _min_side(side: int, name: str):
 
 
 @register_model("condensenet74", role="reid", check_size=_min_side(32, "condensenet74"))
-def condensenet74(*, num_classes: int, feature_dim: int = 512, dropout_rate: float = 0.0) -> CondenseNet:
+def condensenet74(
+    *, num_classes: int, feature_dim: int = 512, dropout_rate: float = 0.0, bnneck: bool = False, last_stride: int = 2
+) -> CondenseNet:
     """CondenseNet-74 (ImageNet recipe): stages 4-6-8-10-8, growth 8-16-32-64-128, G = C = 4; 2064 pooled channels."""
     return CondenseNet(
         num_classes=num_classes,
@@ -238,11 +263,15 @@ def condensenet74(*, num_classes: int, feature_dim: int = 512, dropout_rate: flo
         condense_factor=4,
         feature_dim=feature_dim,
         dropout_rate=dropout_rate,
+        bnneck=bnneck,
+        last_stride=last_stride,
     )
 
 
 @register_model("condensenet_tiny", role="reid", check_size=_min_side(4, "condensenet_tiny"))
-def condensenet_tiny(*, num_classes: int, feature_dim: int = 16, dropout_rate: float = 0.0) -> CondenseNet:
+def condensenet_tiny(
+    *, num_classes: int, feature_dim: int = 16, dropout_rate: float = 0.0, bnneck: bool = False, last_stride: int = 2
+) -> CondenseNet:
     """Test variant: two blocks of two layers, growth 4-8, G = C = 4 (three condensing stages, as the full model)."""
     return CondenseNet(
         num_classes=num_classes,
@@ -252,4 +281,6 @@ def condensenet_tiny(*, num_classes: int, feature_dim: int = 16, dropout_rate: f
         condense_factor=4,
         feature_dim=feature_dim,
         dropout_rate=dropout_rate,
+        bnneck=bnneck,
+        last_stride=last_stride,
     )

@@ -1,7 +1,11 @@
 """Evaluation of a trained re-ID network: features of query and gallery, ranking metrics, FLIMA ID classification.
 
 - ``extract_features`` runs the model's ``forward_features`` over records in eval mode and returns L2-normalised
-  features (optionally the mean of the image's and its mirror image's features, normalised again).
+  features. **Flip averaging, the one definition everywhere** (training-time validation, ``pipeline.finalize``,
+  ``jobs/evaluate.py`` on registered models): the L2-normalised sum of the image's and its mirror image's
+  *L2-normalised* features, normalize(normalize(f(x)) + normalize(f(flip(x)))). Registered models already output
+  normalised features, so normalising each view first makes a training-form model and its registered export give the
+  same flip metric; it also keeps one view from dominating by its norm.
 - ``evaluate_splits`` ranks the gallery for every query with ``reid_core.metrics.evaluate_rank`` (same-camera
   same-person gallery images are junk; CMC, mAP, mINP). Query and gallery are real records only: a generated
   (distractor) record there is refused, so the distractor class never enters evaluation.
@@ -152,7 +156,7 @@ def extract_features(
         model: has ``forward_features`` (CondenseNet, converted or not; Dual-Stream with ``face_boxes``); put in eval
             mode here (and left so).
         image_size: (H, W) the images are resized to (the training size).
-        flip: average the features of the image and of its horizontal mirror (before normalising).
+        flip: the normalised sum of the image's and its horizontal mirror's normalised features (module docstring).
         face_boxes: Dual-Stream only: {record: face box (left, top, right, bottom) px or None}.
     Returns:
         feats (N, D) float32 on the CPU, L2-normalised; pids (N,) int64; camids (N,) int64.
@@ -168,7 +172,9 @@ def extract_features(
     for batch in loader:
         f = _forward(model, batch, device, flip=False, dual=dual, logits=False).float()
         if flip:
-            f = f + _forward(model, batch, device, flip=True, dual=dual, logits=False).float()
+            f = F.normalize(f, dim=1) + F.normalize(
+                _forward(model, batch, device, flip=True, dual=dual, logits=False).float(), dim=1
+            )
         parts.append(F.normalize(f, dim=1).cpu())
     pids = np.asarray([r.pid for r in records], dtype=np.int64)
     camids = np.asarray([r.camid for r in records], dtype=np.int64)

@@ -19,6 +19,7 @@ import torch
 
 from reid_core import tracking
 from reid_core.config import GanJobConfig, from_dict
+from reid_core.train.schedule import cosine_lr, learning_rate  # noqa: F401 (cosine_lr: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -323,21 +324,17 @@ def _setup_storage(storage_cfg) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ re-ID training
-def reid_model_kwargs(name: str, *, num_classes: int, feature_dim: int, dropout_rate: float, image_size, face_size):
-    """Keyword arguments of ``build_model(name, ...)`` for the re-ID models (saved in the checkpoint's meta)."""
+def reid_model_kwargs(name: str, *, num_classes: int, feature_dim: int, dropout_rate: float, image_size, face_size,
+                      bnneck: bool = False, last_stride: int = 2):  # fmt: skip
+    """Keyword arguments of ``build_model(name, ...)`` for the re-ID models (saved in the checkpoint's meta); the
+    recipe options only when set, so a checkpoint of the plain recipe has the meta it always had."""
     from reid_core.config import is_dual_stream
 
     kwargs = {"num_classes": num_classes, "feature_dim": feature_dim, "dropout_rate": dropout_rate}
+    kwargs.update({"bnneck": True} if bnneck else {}, **({"last_stride": last_stride} if last_stride != 2 else {}))
     if is_dual_stream(name):
         kwargs.update(image_size=int(image_size[0]), face_size=int(face_size))
     return kwargs
-
-
-def cosine_lr(base_lr: float, progress: float) -> float:
-    """Cosine annealing from ``base_lr`` at progress 0 to 0 at progress 1."""
-    import math
-
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
 def train_reid_loop(loop_config: dict) -> None:
@@ -359,7 +356,7 @@ def train_reid_loop(loop_config: dict) -> None:
     from torch.utils.data import DataLoader
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
-    from reid_core.losses import reid_loss
+    from reid_core.losses import batch_hard_triplet, reid_loss
     from reid_core.models import build_model
     from reid_core.models.condense import group_lasso_loss, learned_group_convs
     from reid_core.train.checkpoint import restore_engines, save_engines
@@ -415,7 +412,7 @@ def train_reid_loop(loop_config: dict) -> None:
                                     flip_p=cfg.data.flip, on_bad_image=cfg.data.on_bad_image)  # fmt: skip
     else:
         dataset = ReIDDataset(training.records, build_transforms(h, w, train=True, flip_p=cfg.data.flip,
-                              pad=cfg.data.pad), on_bad_image=cfg.data.on_bad_image, decode_size=(h, w))  # fmt: skip
+                              pad=cfg.data.pad, erase_p=cfg.data.random_erasing), on_bad_image=cfg.data.on_bad_image, decode_size=(h, w))  # fmt: skip
     loader_kwargs = {"num_workers": cfg.data.loader_workers}
     if cfg.data.loader_workers:
         loader_kwargs.update(multiprocessing_context="forkserver", persistent_workers=True)
@@ -425,8 +422,15 @@ def train_reid_loop(loop_config: dict) -> None:
     # --- model and engine: the torch optimizer (SGD + Nesterov or Adam) is passed to DeepSpeed on every path
     model_kwargs = reid_model_kwargs(cfg.model.name, num_classes=training.num_classes, feature_dim=cfg.model.feature_dim,
                                      dropout_rate=cfg.model.dropout_rate, image_size=(h, w),
-                                     face_size=cfg.model.face_size)  # fmt: skip
+                                     face_size=cfg.model.face_size, bnneck=cfg.model.bnneck,
+                                     last_stride=cfg.model.last_stride)  # fmt: skip
     model = build_model(cfg.model.name, **model_kwargs)
+    if cfg.model.pretrained:  # a resumed run overwrites it with its checkpoint below
+        from reid_core.models.pretrained import load_pretrained
+        from reid_core.train.pretrained import read_state_dict
+
+        copied = load_pretrained(model, read_state_dict(cfg.model.pretrained), uri=cfg.model.pretrained)
+        log.info("rank %d: backbone initialised from %s (%d tensors)", rank, cfg.model.pretrained, copied)
     condenses = bool(learned_group_convs(model))
     ds_cfg = deepspeed_config(micro_batch_size=sampler.batch_size, world_size=world, use_gpu=cfg.scaling.use_gpu,
                               precision=cfg.scaling.precision, zero_stage=cfg.scaling.zero_stage, lr=cfg.optim.lr)  # fmt: skip
@@ -467,11 +471,13 @@ def train_reid_loop(loop_config: dict) -> None:
         engine.train()
         # The same keys on every rank: they are all-reduced as one tensor.
         sums = dict.fromkeys(("loss", "correct", "real", "distractor_correct", "generated", "skipped_images",
-                              "group_lasso", "face_presence_loss"), 0.0)  # fmt: skip
+                              "group_lasso", "face_presence_loss", "triplet"), 0.0)  # fmt: skip
         t_epoch = time.perf_counter()
         for step, batch in enumerate(loader):
             progress = (epoch + step / steps) / cfg.optim.epochs
-            lr = cosine_lr(cfg.optim.lr, progress) if cfg.optim.schedule == "cosine" else cfg.optim.lr
+            lr = learning_rate(cfg.optim.lr, progress, schedule=cfg.optim.schedule, epochs=cfg.optim.epochs,
+                               warmup_epochs=cfg.optim.warmup_epochs, warmup_factor=cfg.optim.warmup_factor,
+                               milestones=cfg.optim.step_milestones, gamma=cfg.optim.step_gamma)  # fmt: skip
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             if condenses:
@@ -482,11 +488,17 @@ def train_reid_loop(loop_config: dict) -> None:
             if dual:
                 has_face = batch["has_face"].to(device)
                 logits = engine(images, batch["face_crop"].to(device, dtype), has_face)
+            elif cfg.loss.triplet:
+                metric_features, logits = engine.module.forward_train(images)
             else:
                 logits = engine(images)
             logits = logits.float()
-            loss = reid_loss(logits, labels, generated, mode=cfg.loss.mode)
+            loss = reid_loss(logits, labels, generated, mode=cfg.loss.mode, label_smoothing=cfg.loss.label_smoothing)
             total = loss
+            if cfg.loss.triplet and not dual:
+                triplet = batch_hard_triplet(metric_features, labels, generated, margin=cfg.loss.triplet_margin)
+                total = total + cfg.loss.triplet * triplet
+                sums["triplet"] += triplet.item()
             if condenses and cfg.loss.group_lasso:
                 lasso = group_lasso_loss(engine.module)
                 total = total + cfg.loss.group_lasso * lasso
@@ -525,6 +537,8 @@ def train_reid_loop(loop_config: dict) -> None:
             "images_per_second": steps * sampler.batch_size * world / epoch_seconds,
             "skipped_images": total_sums["skipped_images"],
         }
+        if cfg.loss.triplet:
+            metrics["triplet"] = total_sums["triplet"] / (steps * world)
         if condenses and cfg.loss.group_lasso:
             metrics["group_lasso"] = total_sums["group_lasso"] / (steps * world)
         if dual:

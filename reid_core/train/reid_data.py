@@ -165,6 +165,29 @@ class TrainingSet:
         return self.records[: self.num_real]
 
 
+# MSMT17 V1's training lists (Wei et al., 2018): list_train 30,248 images of 1,041 identities, list_val 2,373 more of
+# the same identities. The paper's statistics count 32,621 training images: train + val (data.options.merge_val).
+MSMT17_PAPER_TRAIN_IMAGES = 32_621
+
+
+def describe_training_split(splits) -> str:
+    """One line with the training split's counts (printed by ``train_reid`` before Ray starts): images, identities and,
+    for MSMT17, which lists make it up and whether that is the paper's train + val (``merge_val``)."""
+    line = f"training split: {len(splits.train):,} images of {splits.num_train_pids:,} identities ({splits.layout}"
+    counts = splits.details.get("list_counts") if splits.layout == "msmt17" else None
+    if counts:
+        merged = bool(splits.details.get("merge_val"))
+        parts = " + ".join(f"{name} {n:,}" for name, n in counts.items())
+        line += f": {parts}; merge_val={str(merged).lower()}"
+        line += (
+            f", the paper's train + val ({MSMT17_PAPER_TRAIN_IMAGES:,} on MSMT17 V1)"
+            if merged
+            else f"; the paper trains on train + val ({MSMT17_PAPER_TRAIN_IMAGES:,} on MSMT17 V1): "
+            "set data.options.merge_val=true"
+        )
+    return line + ")"
+
+
 def limit_training(records: Sequence[Record], max_images: int | None) -> tuple[list[Record], dict[int | str, int]]:
     """The first ``max_images`` training records (all when None), relabelled 0..N'-1 in order of first appearance of
     their current label, and the matching ``pid_map`` (``orig_pid`` -> new label)."""
@@ -299,11 +322,15 @@ def face_boxes(
     indices: Sequence[int] | None = None,
     chunk: int = 64,
     settings: storage.S3Settings | None = None,
+    oracle_face_tags: bool = False,
 ) -> dict[int, Box | None]:
     """One face box per record, in the pixels of the record's person image (after its ``box`` crop).
 
-    The detector's best box when it finds one; otherwise ``head_region`` when the dataset tags the record as showing a
-    face (``face`` True), else None (no face: the face stream gets zeros).
+    The detector's best box when it finds one, else None (no face: the face stream gets zeros). This detector-only
+    definition is what every evaluation uses (validation, ``finalize``, ``jobs/evaluate.py``): test-time face presence
+    never comes from the dataset's tags. ``oracle_face_tags=True`` (training, where the tags are labels, and
+    analysis only) also gives ``head_region`` to a record the dataset tags as showing a face (``face`` True) that
+    the detector misses.
 
     Args:
         records: the records; indices: which of them (default all).
@@ -319,7 +346,7 @@ def face_boxes(
         arrays = [s["image"].permute(1, 2, 0).numpy() for s in samples]
         found = detector.detect(arrays).best_boxes()
         for i, array, box in zip(part, arrays, found, strict=True):
-            if box is None and records[i].face:
+            if box is None and oracle_face_tags and records[i].face:
                 box = head_region(array.shape[1], array.shape[0])
             out[i] = box
     return out
@@ -385,9 +412,10 @@ class FaceStreamDataset(Dataset):
 def all_face_boxes(
     records: Sequence[Record], detector, *, rank: int, world: int, settings=None
 ) -> dict[int, Box | None]:
-    """``face_boxes`` of every record, each rank detecting records rank, rank + world, ... and all ranks exchanging
+    """``face_boxes`` of every training record (with the face tags: ``oracle_face_tags``), each rank detecting records rank, rank + world, ... and all ranks exchanging
     their shares (``torch.distributed.all_gather_object``), so every rank holds the whole table."""
-    mine = face_boxes(records, detector, indices=range(rank, len(records), world), settings=settings)
+    mine = face_boxes(records, detector, indices=range(rank, len(records), world), settings=settings,
+                      oracle_face_tags=True)  # training: the tags are labels  # fmt: skip
     if world == 1:
         return mine
     import torch.distributed as dist
@@ -412,6 +440,7 @@ __all__ = [
     "MixedBatchSampler",
     "TrainingSet",
     "all_face_boxes",
+    "describe_training_split",
     "distractors_per_batch",
     "face_boxes",
     "head_region",
