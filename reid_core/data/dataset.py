@@ -53,6 +53,11 @@ class BadImageError(ValueError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):
+        # Raised in Ray workers and actors, and pickled back to the driver: rebuilt from (path, reason), not from
+        # ``args`` (the message), which ``__init__`` would not accept.
+        return (type(self), (self.path, self.reason), self.__dict__)
+
 
 def load_image(
     path_or_bytes: str | os.PathLike | bytes,
