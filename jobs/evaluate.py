@@ -458,6 +458,17 @@ def version_tags(short: str, metrics: dict, *, run_id: str, args, pre: dict) -> 
 
 
 # ------------------------------------------------------------------------------------------------ job
+def bad_image(exc: BaseException):
+    """The ``BadImageError`` behind ``exc``: raised in this process, or in a Ray actor (Ray raises a
+    ``RayTaskError`` subclass of it, whose text is the actor's traceback, and keeps the original as ``cause``)."""
+    from reid_core.data import BadImageError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BadImageError):
+        return cause
+    return exc if isinstance(exc, BadImageError) and cause is None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_env_defaults()
@@ -524,9 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         if tagged:
             tags = version_tags(short, metrics, run_id=run_id, args=args, pre=pre)
             tracking.replace_model_version_tags(uri, ref.name, ref.version, f"eval.{short}.", tags)
-    except BaseException:
+    except BaseException as exc:
         tracking.set_terminated(uri, run_id, "FAILED")
-        raise
+        bad = bad_image(exc)
+        if bad is None:
+            raise
+        print(f"error: {bad} (MLflow run {run_id} is FAILED)", file=sys.stderr)  # not Ray's traceback
+        return 1
     tracking.set_terminated(uri, run_id, "FINISHED")
 
     m = metrics

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from reid_core import storage  # noqa: E402
 from reid_core.config import LAYOUTS  # noqa: E402
 from reid_core.data.layouts import LayoutError, read_layout  # noqa: E402
-from reid_core.data.shards import PACK_INDEX, SHARD_DIR, PackError, pack_tree, read_record_bytes  # noqa: E402
+from reid_core.data.shards import PACK_INDEX, PackError, pack_files, pack_tree, read_record_bytes  # noqa: E402
 
 SMOKE_SHARD_MB = 0.05  # several shards even for the tiny smoke dataset: the multi-shard path is what it checks
 
@@ -43,17 +43,29 @@ def check_inputs(args) -> tuple:
     if args.shard_mb <= 0:
         raise ValueError(f"--shard-mb {args.shard_mb}: expected a positive size in MB")
     src, out = args.src.rstrip("/"), args.out.rstrip("/")
-    if out == src or out.startswith(src + "/"):
+    if storage.is_within(out, src):  # normalised first: X/./packed and X/a/../packed lie inside X too
         raise ValueError(f"--out {out} lies inside --src {src}: the pack would pack itself; choose another location")
+    if storage.is_within(src, out):
+        raise ValueError(f"--src {src} lies inside --out {out}: the pack would be written over its source")
     storage.check_location(src, must_exist=True)
     if storage.exists(storage.join(src, PACK_INDEX)):
         raise ValueError(f"--src {src} is already a pack ({PACK_INDEX}); train from it directly")
     splits = read_layout(src, args.layout)
     storage.check_location(out)
     existing = storage.list_files(out) if storage.exists(out) else []
-    if existing and not args.overwrite:
+    if not existing:
+        return splits, []
+    if not args.overwrite:
         raise ValueError(f"{out} is not empty; pass --overwrite to replace a pack there")
-    return splits, existing
+    try:
+        owned = pack_files(out)
+    except PackError as exc:
+        raise ValueError(
+            f"refusing to overwrite {out}: {exc}; --overwrite replaces only a pack's own files, as its index lists "
+            "them: choose another --out"
+        ) from None
+    present = {storage.normalise(u) for u in existing}  # local listings are absolute paths
+    return splits, [u for u in owned if storage.normalise(u) in present]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, help="where the pack goes: s3://bucket/prefix or a local folder")
     parser.add_argument("--shard-mb", type=float, default=None, help="shard size in MB (default 128)")
-    parser.add_argument("--overwrite", action="store_true", help="replace pack.json and shards/ of a pack at --out")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the pack at --out: deletes only its own files, as its pack.json lists them",
+    )
     parser.add_argument("--verify", action="store_true", help="compare every packed image's bytes with the source")
     parser.add_argument("--smoke-test", action="store_true", help=f"{SMOKE_SHARD_MB} MB shards, verified")
     args = parser.parse_args(argv)
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args.verify = args.verify or args.smoke_test
 
     try:
-        splits, existing = check_inputs(args)
+        splits, stale = check_inputs(args)
     except (ValueError, storage.StorageError) as exc:  # LayoutError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     out = args.out.rstrip("/")
-    stale = [u for u in existing if u == storage.join(out, PACK_INDEX) or u.startswith(storage.join(out, SHARD_DIR))]
-    if stale:
+    if stale:  # the old pack's pack.json first (a half-deleted pack never reads as finished), then its shards
         logging.getLogger("pack_dataset").info("--overwrite: deleting the old pack at %s (%d objects)", out, len(stale))
-        storage.delete_files(sorted(stale, key=lambda u: not u.endswith(PACK_INDEX)))  # the index first
+        storage.delete_files(stale)
 
     t0 = time.perf_counter()
     with tqdm(unit="file", desc=f"pack {splits.root} -> {out}", disable=None) as bar:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ MANIFEST_FILE = "manifest.csv"
 IMAGES_DIR = "images"
 MANIFEST_COLUMNS = ("path", "index", "seed", "face_absent")
 IMAGE_FORMATS = {"jpeg": "jpg", "png": "png"}
+IMAGE_NAME = re.compile(rf"{IMAGES_DIR}/[0-9]{{6,}}\.(?:{'|'.join(IMAGE_FORMATS.values())})")  # see image_path
 JPEG_QUALITY = 95
 # SeedSequence spawn keys: (IMAGE_STREAM, i) gives image i's noise, (STANDING_STREAM, k) standing-statistics batch k.
 IMAGE_STREAM = 0
@@ -285,7 +287,8 @@ def check_output(out: str, overwrite: bool, settings: storage.S3Settings) -> lis
 
 
 def _part_of_set(relative: str) -> bool:
-    return relative in (METADATA_FILE, MANIFEST_FILE) or relative.startswith(IMAGES_DIR + "/")
+    """A name this job writes (``image_path``): only such files are ever deleted by ``--overwrite``."""
+    return relative in (METADATA_FILE, MANIFEST_FILE) or IMAGE_NAME.fullmatch(relative) is not None
 
 
 def as_dcgan_generator(model: nn.Module) -> nn.Module | None:

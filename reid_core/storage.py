@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import posixpath
 import re
 import time
 from collections.abc import Iterable
@@ -125,6 +126,22 @@ def join(url: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def normalise(url: str) -> str:
+    """The canonical form of a location, for comparing locations: S3 keys with ``.``, ``..`` and empty segments
+    resolved (``s3://b/x/./p`` -> ``s3://b/x/p``), local paths absolute with symlinks resolved. Never used to write."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def is_within(url: str, root: str) -> bool:
+    """``url`` is ``root`` or lies below it, compared in normalised form (``normalise``)."""
+    u, r = normalise(url), normalise(root)
+    return u == r or u.startswith(r.rstrip("/") + "/")
 
 
 _FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}

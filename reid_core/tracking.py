@@ -291,6 +291,7 @@ def log_and_register_pytorch_model(
             registered_model_name=registered_model,
             input_example=input_example,
             code_paths=[str(Path(reid_core.__file__).parent)],
+            serialization_format="pt2",  # torch.export: loads without unpickling (``load_pytorch_model``)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     version = str(info.registered_model_version)
@@ -426,19 +427,74 @@ def model_input_shape(uri: str, model_uri: str) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape else None
 
 
-def load_pytorch_model(uri: str, model_uri: str, *, map_location: str = "cpu"):
-    """``mlflow.pytorch.load_model`` from the tracking/registry server at ``uri``, weights on ``map_location``.
+class UnsafeModelError(TrackingError):
+    """A model whose files would run code when loaded (a pickle-format PyTorch model): refused, never loaded."""
 
-    MLflow 3 saves PyTorch models as ``torch.export`` programs by default (``log_and_register_pytorch_model`` does):
-    they load as a ``GraphModule`` with the original ``state_dict`` keys but without the class's attributes, fixed in
-    eval mode (``train()`` raises).
+
+def check_model_files(local: Path, model_uri: str) -> Path:
+    """The ``.pt2`` archive of the MLflow PyTorch model downloaded to ``local``, after checking that loading it
+    cannot run code: ``UnsafeModelError`` (one line) for a pickle-format model (``data/model.pth``, unpickled by
+    ``torch.load``) or anything else that is not a ``torch.export`` archive. Reads the MLmodel file only."""
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    try:
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise UnsafeModelError(f"{model_uri} has no readable MLmodel file: {type(exc).__name__}") from None
+    conf = flavors.get("pytorch")
+    if not isinstance(conf, dict) or not isinstance(conf.get("model_data"), str):
+        raise UnsafeModelError(
+            f"{model_uri} is not an MLflow PyTorch model (its flavors: {', '.join(sorted(flavors)) or 'none'})"
+        )
+    data = (local / conf["model_data"]).resolve()
+    if not data.is_relative_to(local.resolve()):
+        raise UnsafeModelError(f"{model_uri}: its model_data {conf['model_data']!r} points outside the model")
+    if (data / "model.pth").exists() or not (data / "model.pt2").is_file():
+        raise UnsafeModelError(
+            f"{model_uri} is a pickle-format PyTorch model, and unpickling it could run any code: refused without "
+            "loading it (log the model with serialization_format='pt2', as reid_core does)"
+        )
+    return data / "model.pt2"
+
+
+def load_pytorch_model(uri: str, model_uri: str, *, map_location: str = "cpu"):
+    """The PyTorch model at ``model_uri`` (``models:/...`` or ``runs:/...``) on the server at ``uri``, loaded without
+    unpickling anything and without importing any code shipped with it.
+
+    Only ``torch.export`` (``pt2``) models load: the files are downloaded to a private temporary folder, the MLmodel
+    file is read (``check_model_files``: a pickle-format model is refused in one line, ``UnsafeModelError``), the
+    model's ``code`` folder is removed, and ``mlflow.pytorch.load_model`` runs with
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so MLflow checks that no record of the archive is a pickle
+    payload beyond tensors. ``sys.path`` is restored afterwards. A ``pt2`` model loads as a ``GraphModule`` with the
+    original ``state_dict`` keys but without the class's attributes, fixed in eval mode (``train()`` raises).
     """
+    import shutil
+    import sys
+    import tempfile
+
     import mlflow
+    import mlflow.artifacts
     import mlflow.pytorch
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+    settings = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    saved_path, saved_env = list(sys.path), {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="reid-model-") as tmp:  # 0700, removed with everything in it
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            check_model_files(local, model_uri)
+            shutil.rmtree(local / "code", ignore_errors=True)  # our own download; the loader puts it on sys.path
+            return mlflow.pytorch.load_model(str(local), map_location=map_location)
+    finally:
+        sys.path[:] = saved_path
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def set_model_version_tags(uri: str, name: str, version: str, tags: dict[str, Any]) -> None:

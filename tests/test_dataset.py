@@ -93,6 +93,7 @@ def test_non_image_bytes_raise_naming_the_path(data, reason):
     with pytest.raises(BadImageError, match=f"bad image /data/x.jpg: .*{reason}") as err:
         load_image(data, path="/data/x.jpg")
     assert err.value.path == "/data/x.jpg"
+    assert "BytesIO" not in str(err.value)  # the message names the file, not PIL's in-memory buffer
 
 
 def test_missing_file_raises_bad_image(tmp_path):

@@ -338,3 +338,27 @@ def test_registry_errors_are_one_line(services_stack, registered):
     assert run_id == registered["run_id"] and ref is not None and (ref.name, ref.version) == (name, "1")
     with pytest.raises(tracking.RegistryError, match="has no model 'nothing' .*its logged models: generator, model"):
         tracking.resolve_run_model(uri, f"runs:/{registered['run_id']}/nothing")
+
+
+@pytest.mark.slow
+def test_a_bad_image_met_by_a_ray_actor_is_one_line_naming_it(services_stack, registered, tmp_path):
+    """An image that does not decode, met by a feature actor: the last line names it (not Ray's traceback, nor the
+    ``TypeError`` of an error that could not be unpickled), the exit code is 1 and the MLflow run is FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    data = str(tmp_path / "msmt17")
+    make_dataset(data, {}, ids=4, per_id=4)
+    bad = read_layout(data, "msmt17").gallery[0].path
+    Path(bad).write_bytes(b"not a JPEG")
+    run_name = f"bad-image-{uuid.uuid4().hex[:6]}"
+    args = ["--model", f"models:/{registered['name']}@candidate", "--data", data, "--workers", "1",
+            "--experiment", "evaluate-test", "--run-name", run_name]  # fmt: skip
+    proc = run_job(args, services_stack.full_env, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert last.startswith(f"error: bad image {bad}: ") and "is FAILED" in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=services_stack.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("evaluate-test").experiment_id],
+                              filter_string=f"attributes.run_name = '{run_name}'")  # fmt: skip
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -3,10 +3,12 @@ between reads is detected and named; jobs/pack_dataset.py end to end with its on
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -254,3 +256,85 @@ def test_train_gan_job_trains_from_a_pack(s3_server, services_stack):
     assert run.data.params["data.uri"] == out
     delta_real = client.get_metric_history(version.run_id, "face_absent_real")
     assert delta_real and 0 < delta_real[-1].value < 1  # the Δ table was read from the shards
+
+
+# ------------------------------------------------------------------------------------------------ --overwrite deletes
+@pytest.fixture(params=["s3", "local"])
+def base(request, tmp_path):
+    """A fresh, empty location: on the loopback S3 server, or a local folder."""
+    return request.getfixturevalue("s3_url") if request.param == "s3" else str(tmp_path / "base")
+
+
+def test_overwrite_deletes_only_the_files_the_old_pack_index_lists(base, caplog):
+    caplog.set_level("INFO", logger="pack_dataset")
+    src, out = f"{base}/src", f"{base}/packed"
+    synthetic(src, "msmt17")
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "0.05"]) == 0
+    old_shards = [storage.join(out, s["name"]) for s in read_pack(out).index["shards"]]
+    assert len(old_shards) >= 3
+    neighbours = [f"{out}/shards-backup/shard-00001.tar", f"{out}/shards_notes.md", f"{out}/shards/shard-notes.txt",
+                  f"{out}/shards/shard-00099.tar", f"{out}-old/pack.json", f"{base}/packed.md"]  # fmt: skip
+    storage.write_many({u: b"not the pack's" for u in neighbours})
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite", "--shard-mb", "1"]) == 0
+    assert f"deleting the old pack at {out} ({len(old_shards) + 1} objects)" in caplog.text
+    assert [s["name"] for s in read_pack(out).index["shards"]] == ["shards/shard-00000.tar"]
+    assert all(storage.read_bytes(u) == b"not the pack's" for u in neighbours)  # every neighbour is still there
+    assert not any(storage.exists(u) for u in old_shards[1:])  # the old pack's other shards are gone
+
+
+def test_overwrite_refuses_a_target_that_holds_no_pack_and_deletes_nothing(base, capsys):
+    src, out = f"{base}/src", f"{base}/dataset"
+    synthetic(src, "msmt17")
+    synthetic(out, "msmt17")  # a real dataset, not a pack
+    before = storage.list_files(out)
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"refusing to overwrite {out}: {out} is not a finished pack: no pack.json" in lines[0]
+    assert storage.list_files(out) == before
+
+
+def test_overwrite_refuses_an_index_that_names_files_a_pack_job_does_not_write(base, capsys):
+    src, out = f"{base}/src", f"{base}/packed"
+    synthetic(src, "msmt17")
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "1"]) == 0
+    index = read_pack(out).index
+    index["shards"][0]["name"] = "../victim.txt"
+    storage.write_bytes(f"{out}/pack.json", json.dumps(index).encode())
+    storage.write_bytes(f"{base}/victim.txt", b"keep")
+    capsys.readouterr()
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "shard name '../victim.txt' is not one that jobs/pack_dataset.py writes" in err, err
+    assert storage.read_bytes(f"{base}/victim.txt") == b"keep"
+
+
+@pytest.mark.parametrize(
+    ("src", "out", "expected"),
+    [
+        ("{base}/src", "{base}/src/./packed", "lies inside --src"),
+        ("{base}/src", "{base}/src/a/../packed", "lies inside --src"),
+        ("{base}/./src", "{base}/src/packed", "lies inside --src"),
+        ("{base}/a/../src", "{base}/src/packed", "lies inside --src"),
+        ("{base}/src", "{base}/./src//packed", "lies inside --src"),
+        ("{base}/src", "{base}", "lies inside --out"),
+        ("{base}/src", "{base}/a/..", "lies inside --out"),
+    ],
+)
+def test_locations_are_normalised_before_the_containment_checks(base, capsys, src, out, expected):
+    synthetic(f"{base}/src", "msmt17")
+    src, out = src.format(base=base), out.format(base=base)
+    started = time.monotonic()
+    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert time.monotonic() - started < 5
+    assert not any("pack.json" in u or "/shards/" in u for u in storage.list_files(base))
+
+
+def test_a_local_out_linked_into_src_is_inside_src(tmp_path, capsys):
+    src = tmp_path / "src"
+    synthetic(str(src), "msmt17")
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    assert pack_dataset.main(["--src", str(src), "--layout", "msmt17", "--out", str(tmp_path / "link" / "p")]) == 2
+    assert "lies inside --src" in capsys.readouterr().err
+    assert not (src / "p").exists()

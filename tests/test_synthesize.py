@@ -229,6 +229,15 @@ def test_overwrite_only_replaces_a_distractor_set(tmp_path):
     (tmp_path / "set" / "notes.txt").write_text("mine")
     with pytest.raises(job.storage.StorageError, match="refusing to overwrite .* not part of a distractor set"):
         job.check_output(str(tmp_path / "set"), True, settings_)
+    (tmp_path / "set" / "notes.txt").unlink()
+    # Below images/ too, only the names this job writes are its own (a prefix is no proof of authorship).
+    for foreign in ("images/notes.txt", "images/000001.jpg.bak", "images/1.jpg", "images/sub/000002.jpg"):
+        (tmp_path / "set" / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "set" / foreign).write_text("mine")
+        with pytest.raises(job.storage.StorageError, match=f"not part of a distractor set .*{foreign}"):
+            job.check_output(str(tmp_path / "set"), True, settings_)
+        (tmp_path / "set" / foreign).unlink()
+    assert len(job.check_output(str(tmp_path / "set"), True, settings_)) == 2
 
 
 # ------------------------------------------------------------------------------------ the job's one-line errors

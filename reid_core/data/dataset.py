@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -52,6 +53,11 @@ class BadImageError(ValueError):
         super().__init__(f"bad image {path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self):
+        # Raised in Ray workers and actors, and pickled back to the driver: rebuilt from (path, reason), not from
+        # ``args`` (the message), which ``__init__`` would not accept.
+        return (type(self), (self.path, self.reason), self.__dict__)
 
 
 def load_image(
@@ -100,7 +106,8 @@ def load_image(
             fmt = image.format
             rgb = image.convert("RGB")
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise BadImageError(name, f"cannot decode ({type(exc).__name__}: {exc})") from exc
+        said = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # PIL names its buffer, not the file
+        raise BadImageError(name, f"cannot decode ({type(exc).__name__}: {said})") from exc
     if fmt == "JPEG" and data.rfind(_JPEG_EOI) < data.rfind(_JPEG_SOS):
         # libjpeg decodes a file cut inside its end-of-image marker without complaint, and PIL decodes any cut when
         # someone set its global LOAD_TRUNCATED_IMAGES. Inside entropy-coded data 0xFF is always followed by 0x00

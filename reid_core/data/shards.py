@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -108,6 +109,29 @@ def read_pack(root: str, settings: storage.S3Settings | None = None) -> Pack:
             raise
         raise PackError(f"{url}: malformed index ({type(exc).__name__}: {exc})") from None
     return Pack(root=root.rstrip("/"), index=index, locations=locations)
+
+
+SHARD_NAME = re.compile(rf"{SHARD_DIR}/shard-[0-9]{{5}}\.tar")  # what ``_ShardWriter`` names its shards
+
+
+def pack_files(root: str, settings: storage.S3Settings | None = None) -> list[str]:
+    """The URLs of the files that make the pack at ``root``, as its index lists them: ``pack.json`` first, then its
+    shards. What ``jobs/pack_dataset.py --overwrite`` deletes, and nothing else: no prefix, no listing.
+
+    Raises:
+        PackError: ``root`` holds no finished pack (``read_pack``), or its index names a shard that a pack job does
+            not write (``shards/shard-NNNNN.tar``): such an index could point the deletion anywhere.
+    """
+    pack = read_pack(root, settings)
+    urls = [storage.join(root, PACK_INDEX)]
+    for shard in pack.index["shards"]:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise PackError(
+                f"{urls[0]}: shard name {name!r} is not one that jobs/pack_dataset.py writes ({SHARD_DIR}/shard-NNNNN.tar)"
+            )
+        urls.append(storage.join(root, name))
+    return urls
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -281,6 +305,7 @@ __all__ = [
     "DEFAULT_SHARD_BYTES",
     "PACK_FORMAT",
     "PACK_INDEX",
+    "pack_files",
     "Pack",
     "PackError",
     "ShardChangedError",
