@@ -114,7 +114,7 @@ def train_gan_loop(loop_config: dict) -> None:
     from reid_core.models import build_model
     from reid_core.train.checkpoint import restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
-    from reid_core.train.steps import Guidance, gan_step
+    from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -197,12 +197,18 @@ def train_gan_loop(loop_config: dict) -> None:
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         t_epoch = time.perf_counter()
+        # The next step's G(z) and its Δ are started right after each step: detection runs while the next batch is
+        # loaded and copied, not while the accelerator waits at the discriminator's loss.
+        ahead = dict(z_dim=cfg.model.z_dim, device=device, generator=step_rng, guidance=guidance,
+                     detect_faces=detector.submit)  # fmt: skip
+        prepared = prepare_fakes(gen, cfg.optim.batch_size, **ahead)
         for batch in loader:
             out = gan_step(
                 gen, disc, batch["image"].to(device, non_blocking=True), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
                 generator=step_rng, guidance=guidance, face_absent_real=face_absent_real[batch["index"]],
-                detect_faces=detector.submit, critic=critic,
+                critic=critic, prepared=prepared,
             )  # fmt: skip
+            prepared = prepare_fakes(gen, cfg.optim.batch_size, **ahead)
             for k, v in out.items():
                 sums[k] += v
             steps += 1
