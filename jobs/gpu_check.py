@@ -143,7 +143,7 @@ def gan_section(s: Sizes, device, *, use_gpu: bool, precision: str, cpus: int) -
     """images/s of the GAN step (ZeRO-2) unguided and guided (Δ on every generated batch), and Δ's share."""
     from reid_core.guidance.faces import FaceDetector
     from reid_core.models import build_model
-    from reid_core.train.steps import Guidance, gan_step
+    from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
     torch.manual_seed(0)
     gen = engine_for(build_model("dcgan_generator", z_dim=100, width=s.gan_width, image_size=s.gan_size),
@@ -155,9 +155,18 @@ def gan_section(s: Sizes, device, *, use_gpu: bool, precision: str, cpus: int) -
     rng = torch.Generator(device=device).manual_seed(0)
     guidance = Guidance("weighted", 0.05, 0.05)  # λ2 > 0: Δ(G(z)) every step
 
+    ahead: dict = {}
+
     def step(detect=None):
         batch = real.to(device, non_blocking=True)  # pinned host memory: an asynchronous copy, as the loaders do
-        gan_step(gen, disc, batch, z_dim=100, g_steps=2, generator=rng, guidance=guidance, detect_faces=detect)
+        kwargs = dict(z_dim=100, generator=rng, guidance=guidance, detect_faces=detect)
+        if detect is None:
+            gan_step(gen, disc, batch, g_steps=2, **kwargs)
+            return
+        # as train_gan_loop: the next step's G(z) and its Δ are started right after each step
+        prepared = ahead.pop("next", None) or prepare_fakes(gen, s.gan_batch, device=device, **kwargs)
+        gan_step(gen, disc, batch, g_steps=2, prepared=prepared, **kwargs)
+        ahead["next"] = prepare_fakes(gen, s.gan_batch, device=device, **kwargs)
 
     unguided = images_per_second(step, s.gan_batch, steps=s.steps, device=device)
     with FaceDetector(workers=cpus, resize_to=None) as detector:
