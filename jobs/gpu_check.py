@@ -73,7 +73,8 @@ def environment() -> dict:
         "gpus": [],
     }
     if torch.cuda.is_available():
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in current torch, an int in older ones
+        env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         env["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
