@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint format stack-up stack-down stack-status clean
+.PHONY: setup demo test test-fast bench gpu-check lint format stack-up stack-down stack-status clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,13 @@ test-fast: setup
 bench: setup
 	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 	$(BIN)/python bench/_results.py --readme
+
+# Before a long job on a new GPU node (<= 8 minutes on one GPU): environment, GAN / CondenseNet step rates, loader,
+# Δ share, inference and evaluation speed, through Ray Train + DeepSpeed as the jobs run; gpu-check/gpu_check.{json,md}.
+# Without a GPU it runs its CPU dry mode (tests/test_gpu_check.py runs that in CI).
+gpu-check: setup
+	DS_ACCELERATOR=$$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") \
+	    $(BIN)/python jobs/gpu_check.py --out gpu-check
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

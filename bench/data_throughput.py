@@ -116,20 +116,22 @@ def step_rate(cfg, num_classes: int, steps: int) -> float:
 
 
 def loader_rate(records, cfg, settings, max_batches: int, epoch: int = 0) -> float:
-    """images/s of the training loader at the demo's settings (P×K sampler, transforms, loader_workers)."""
-    from torch.utils.data import DataLoader
+    """images/s of the training loader at the demo's settings (P×K sampler, transforms, loader_workers; without
+    workers the bytes of the next batches are read ahead in a thread, as in the training loops)."""
+    from torch.utils.data import BatchSampler, DataLoader
 
     from reid_core.data import RandomIdentitySampler, ReIDDataset, build_transforms
+    from reid_core.train.loops import loader_kwargs
 
     h, w = cfg.data.image_size
     dataset = ReIDDataset(records, build_transforms(h, w, train=True, flip_p=cfg.data.flip, pad=cfg.data.pad),
                           settings=settings, decode_size=(h, w))  # as train_reid_loop builds it  # fmt: skip
     sampler = RandomIdentitySampler(records, batch_size=cfg.batch_size, num_instances=cfg.optim.images_per_identity)
     sampler.set_epoch(epoch)
-    kwargs = {"num_workers": cfg.data.loader_workers}
-    if cfg.data.loader_workers:
-        kwargs["multiprocessing_context"] = "forkserver"
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, **kwargs)
+    batches = BatchSampler(sampler, cfg.batch_size, drop_last=False)
+    if not cfg.data.loader_workers:
+        batches = dataset.read_ahead(batches)  # as the training loops: the next batches read while one is decoded
+    loader = DataLoader(dataset, batch_sampler=batches, **loader_kwargs(cfg.data.loader_workers, use_gpu=False))
     t0 = time.perf_counter()
     seen = 0
     for i, batch in enumerate(loader):

@@ -18,7 +18,7 @@ import yaml
 
 LAYOUTS = ("msmt17", "market1501", "flima")
 GUIDANCE_MODES = ("paper", "weighted", "critic", "smoothing")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_autocast")  # reid_core.train.deepspeed.deepspeed_config
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement-group strategies
 
 
@@ -72,7 +72,7 @@ class ScalingConfig:
     num_workers: int = 2  # workers of a run (the maximum when min_workers is set)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (bf16 weights) | bf16_autocast (fp32 weights, bf16 matmuls/convs)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
     # PACK (Ray's default): a run's workers on as few nodes as possible, so gradients stay on NVLink / in one host.
     # SPREAD: one worker per node where possible (per-node CPUs and network for data loading; one lost node costs

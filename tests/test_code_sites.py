@@ -23,6 +23,7 @@ ALLOWED_DELETES = {
     "reid_core/stack.py": 1,  # Stack.down: the stack's own state and env files
     "jobs/pack_dataset.py": 1,  # the old pack's files, as shards.pack_files lists them
     "reid_core/distractors.py": 1,  # the old set's files, as check_output accepts them
+    "jobs/gpu_check.py": 1,  # its own previous gpu_check.json, the one name it writes
 }
 
 

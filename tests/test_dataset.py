@@ -370,3 +370,59 @@ def test_dataset_reads_s3_batches(s3_url):
     missing = Record(path=storage.join(s3_url, "dataset/missing.jpg"), pid=0, camid=0)
     with pytest.raises(BadImageError, match="missing.jpg: file not found"):
         ReIDDataset([missing])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# read-ahead (issue 18): the next batches' bytes are read while the current one is decoded
+
+
+def test_read_ahead_reads_the_next_batches_early_and_gives_the_same_batches(s3_url):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    records = []
+    for i in range(12):
+        url = storage.join(s3_url, f"ahead/img_{i:02d}.jpg")
+        storage.write_bytes(url, encode(solid((20 * i, 0, 0))) if i != 5 else b"corrupt")
+        records.append(Record(path=url, pid=i // 2, camid=0))
+    transform = build_transforms(16, 8, train=False)
+    plain = list(DataLoader(ReIDDataset(records, transform, on_bad_image="skip"), batch_size=3))
+    ds = ReIDDataset(records, transform, on_bad_image="skip")
+    batches = ds.read_ahead(BatchSampler(SequentialSampler(records), 3, drop_last=False), depth=2)
+    assert len(batches) == 4
+    ahead_seen = []
+    got = []
+    for batch in DataLoader(ds, batch_sampler=batches):
+        ahead_seen.append(sorted(ds._ahead))  # batches whose bytes are being read or already are
+        got.append(batch)
+    # While batch 0 is used, batches 1 and 2 are being read; then 2 and 3; then 3; then none.
+    assert ahead_seen == [[(3, 4, 5), (6, 7, 8)], [(6, 7, 8), (9, 10, 11)], [(9, 10, 11)], []]
+    assert len(got) == len(plain) == 4
+    for a, b in zip(got, plain, strict=True):
+        assert a["path"] == b["path"] and a["skipped"].tolist() == b["skipped"].tolist()
+        assert torch.equal(a["image"], b["image"])
+    assert sum(int(b["skipped"].sum()) for b in got) == 1  # the corrupt image, replaced as without read-ahead
+
+
+def test_read_ahead_dataset_pickles_for_worker_processes(tmp_path):
+    import pickle
+
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    records = make_records(tmp_path)
+    ds = ReIDDataset(records, build_transforms(16, 8, train=False))
+    list(DataLoader(ds, batch_sampler=ds.read_ahead(BatchSampler(SequentialSampler(records), 2, False))))
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._pool is None and copy._ahead == {}
+    assert torch.equal(copy[3]["image"], ds[3]["image"])
+    with pytest.raises(ValueError, match="depth=0 must be >= 1"):
+        ds.read_ahead([[0, 1]], depth=0)
+
+
+def test_training_loaders_pin_memory_only_on_gpus():
+    from reid_core.train.loops import loader_kwargs
+
+    assert loader_kwargs(0, use_gpu=True) == {"num_workers": 0, "pin_memory": True}
+    assert loader_kwargs(0, use_gpu=False) == {"num_workers": 0, "pin_memory": False}
+    with_workers = loader_kwargs(4, use_gpu=True)
+    assert with_workers["pin_memory"] and with_workers["multiprocessing_context"] == "forkserver"
+    assert with_workers["persistent_workers"] and with_workers["prefetch_factor"] >= 2

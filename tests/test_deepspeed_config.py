@@ -39,3 +39,26 @@ def test_each_call_returns_a_fresh_dict():
 def test_unsupported_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         deepspeed_config(micro_batch_size=4, world_size=1, use_gpu=False, **kwargs)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_runs_the_forward_in_bf16(single_process_group):
+    """precision bf16_autocast: DeepSpeed's torch_autocast section; on this CPU the engine's Linear runs in bf16 while
+    its weights and their update stay fp32 (the same config enables CUDA autocast on GPUs)."""
+    import deepspeed
+    import torch
+
+    cfg = deepspeed_config(micro_batch_size=4, world_size=1, use_gpu=False, precision="bf16_autocast")
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and cfg["bf16"]["enabled"] is False
+    assert "torch_autocast" not in deepspeed_config(micro_batch_size=4, world_size=1, use_gpu=False, precision="bf16")
+    gpu = deepspeed_config(micro_batch_size=4, world_size=8, use_gpu=True, precision="bf16_autocast", zero_stage=2)
+    assert gpu["communication_data_type"] == "fp32"  # fp32 gradients
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=cfg)
+    before = engine.module.weight.detach().clone()
+    out = engine(torch.randn(4, 8))
+    assert out.dtype == torch.bfloat16
+    engine.backward(out.float().pow(2).mean())
+    engine.step()
+    assert engine.module.weight.dtype == torch.float32
+    assert not torch.equal(engine.module.weight, before)

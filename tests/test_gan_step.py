@@ -168,3 +168,38 @@ def test_critic_is_trained_on_the_detectors_labels_of_the_fakes_too():
     assert calls == [(6, 3, *SIZE)] * 2
     # fakes labelled "face" (Δ = 0) raise F on fakes above what fakes labelled "no face" leave
     assert critics[0] > critics[1] + 1e-3
+
+
+def test_fakes_prepared_ahead_give_the_step_it_would_compute_itself():
+    """prepare_fakes after the previous step (Δ detected while the next batch loads) = the step generating its own."""
+    from reid_core.train.steps import Guidance, prepare_fakes
+
+    guidance = Guidance("weighted", 0.05, 0.05)  # λ2 > 0: Δ of the fakes is needed every step
+    real = torch.rand(6, 3, *SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    detected = []
+
+    def detect(fake):
+        detected.append(fake.clone())
+        return (fake.mean(dim=(1, 2, 3)) > 0).float()  # a deterministic stand-in for Δ of these very images
+
+    def updaters():
+        gen, disc = tiny_pair(0)
+        return (TorchUpdater(gen, torch.optim.SGD(gen.parameters(), lr=0.05)),
+                TorchUpdater(disc, torch.optim.SGD(disc.parameters(), lr=0.05)))  # fmt: skip
+
+    g1, d1 = updaters()
+    own = gan_step(g1, d1, real, z_dim=16, generator=torch.Generator().manual_seed(3), guidance=guidance,
+                   detect_faces=detect)  # fmt: skip
+    g2, d2 = updaters()
+    rng = torch.Generator().manual_seed(3)
+    prepared = prepare_fakes(g2, 6, z_dim=16, device="cpu", generator=rng, guidance=guidance, detect_faces=detect)
+    ahead = gan_step(g2, d2, real, z_dim=16, generator=rng, guidance=guidance, prepared=prepared,
+                     detect_faces=lambda fake: pytest.fail("the prepared Δ is used, not a new detection"))  # fmt: skip
+    assert len(detected) == 2 and torch.equal(detected[0], detected[1])
+    assert {k: v for k, v in own.items() if k != "step_seconds"} == {
+        k: v for k, v in ahead.items() if k != "step_seconds"
+    }
+    for a, b in zip(params(g1.module) + params(d1.module), params(g2.module) + params(d2.module), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="prepared fakes hold 6 images for a batch of 4"):
+        gan_step(g2, d2, real[:4], z_dim=16, guidance=guidance, prepared=prepared)

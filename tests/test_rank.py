@@ -300,3 +300,26 @@ def test_distmat_errors():
         evaluate_distmat(np.zeros(3), *ids)
     with pytest.raises(ValueError, match="g_pids: has 3 entries but"):
         evaluate_distmat(np.zeros((2, 4)), *ids)
+
+
+def test_evaluation_device_is_cuda_only_where_present():
+    """None picks CUDA when torch sees one, else the CPU; a CUDA request without CUDA is one clear error."""
+    from reid_core.metrics.rank import evaluation_device
+
+    assert evaluation_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert evaluation_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            evaluation_device("cuda:0")
+    with pytest.raises(ValueError, match="expected 'cpu'"):
+        evaluation_device("meta")
+
+
+def test_overlapped_chunks_on_the_chosen_device_match_reference():
+    """Many chunks through the two alternating buffers (chunk k + 1 computed while k is ranked): exact numbers."""
+    rng = np.random.default_rng(11)
+    qf, gf = rng.normal(size=(333, 12)).astype(np.float32), rng.normal(size=(900, 12)).astype(np.float32)
+    ids = (rng.integers(0, 30, 333), rng.integers(0, 30, 900), rng.integers(0, 4, 333), rng.integers(0, 4, 900))
+    ref = evaluate_rank_reference(pairwise_distance(qf, gf), *ids)
+    for device in (None, "cpu"):
+        assert_same_result(evaluate_rank(qf, gf, *ids, chunk_size=32, device=device), ref)

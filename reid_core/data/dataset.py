@@ -24,8 +24,10 @@ import io
 import logging
 import os
 import re
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -206,6 +208,8 @@ class ReIDDataset(Dataset):
         self.decode_size = None if decode_size is None else (int(decode_size[0]), int(decode_size[1]))
         self.skipped = 0
         self.bad: dict[str, str] = {}  # path -> reason, for every bad image met in this process
+        self._pool: ThreadPoolExecutor | None = None  # read-ahead thread (``read_ahead``), started on first use
+        self._ahead: dict[tuple[int, ...], Future] = {}  # batch indices -> Future of their bytes
         self._by_pid: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(self.records):
             self._by_pid[r.pid].append(i)
@@ -223,17 +227,39 @@ class ReIDDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict]:
         """A batch: all its images are read at once (many requests in flight; ranged reads of the shards when the
-        dataset is packed), see ``shards.read_record_bytes``."""
-        wanted = {self.records[i].path: self.records[i] for i in indices if self.records[i].path not in self.bad}
+        dataset is packed), see ``shards.read_record_bytes``; or were read ahead (``read_ahead``)."""
+        pending = self._ahead.pop(tuple(indices), None) if self._ahead else None
         try:
-            prefetched = read_record_bytes(wanted.values(), self.settings, batch_size=self.read_batch_size)
+            prefetched = pending.result() if pending is not None else self._read_batch(indices)
         except FileNotFoundError:
             prefetched = None  # a missing object: read one by one so the bad-image policy sees which
         except storage.StorageError:
-            if any(storage.is_s3(r.path) or r.shard is not None for r in wanted.values()):
+            if any(storage.is_s3(self.records[i].path) or self.records[i].shard is not None for i in indices):
                 raise  # the transport failed or a shard changed: not a property of one image
             prefetched = None  # an unreadable local file: same as above
         return [self._sample(i, prefetched) for i in indices]
+
+    def _read_batch(self, indices: Sequence[int]) -> dict[str, bytes]:
+        wanted = {self.records[i].path: self.records[i] for i in indices if self.records[i].path not in self.bad}
+        return read_record_bytes(wanted.values(), self.settings, batch_size=self.read_batch_size)
+
+    def read_ahead(self, batch_sampler: Iterable[Sequence[int]], depth: int = 2) -> ReadAheadBatches:
+        """``batch_sampler`` (yielding lists of indices), with the bytes of the next ``depth`` batches read in a
+        background thread while the current one is decoded and trained on: pass it as a DataLoader's
+        ``batch_sampler`` when ``num_workers=0`` (with workers, each worker process reads its own batches ahead
+        through ``prefetch_factor``). Reading waits on S3 latency, decoding on the CPU: the two overlap."""
+        return ReadAheadBatches(self, batch_sampler, depth)
+
+    def _submit_read(self, indices: Sequence[int]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        self._ahead[tuple(indices)] = self._pool.submit(self._read_batch, list(indices))
+
+    def __getstate__(self) -> dict:  # DataLoader workers get the settings, not the read-ahead thread
+        state = self.__dict__.copy()
+        state.update(_pool=None, _ahead={})
+        return state
 
     def _load(self, index: int, prefetched: dict[str, bytes] | None) -> Image.Image:
         record = self.records[index]
@@ -309,6 +335,34 @@ class ReIDDataset(Dataset):
             f"{err.reason}; and no good replacement among {len(seen) - 1} candidates "
             f"({len(self.bad)} bad images found so far: the data looks broken)",
         )
+
+
+class ReadAheadBatches:
+    """A batch sampler whose next ``depth`` batches' bytes are being read while the current one is used
+    (``ReIDDataset.read_ahead``). ``set_epoch`` and ``len`` are those of the wrapped sampler."""
+
+    def __init__(self, dataset: ReIDDataset, batch_sampler: Iterable[Sequence[int]], depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"read_ahead depth={depth} must be >= 1")
+        self.dataset, self.batch_sampler, self.depth = dataset, batch_sampler, depth
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.dataset._ahead.clear()  # reads left over from an epoch that was stopped early
+        window: deque[list[int]] = deque()
+        batches = iter(self.batch_sampler)
+        for batch in batches:
+            window.append(list(batch))
+            self.dataset._submit_read(window[-1])
+            if len(window) > self.depth:
+                yield window.popleft()
+        while window:
+            yield window.popleft()
 
 
 class RandomIdentitySampler(Sampler[int]):

@@ -578,6 +578,7 @@ def evaluate_rank(
     max_rank: int = 50,
     metric: str = "euclidean",
     chunk_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> RankResult:
     """CMC, mAP and mINP of query features against gallery features, exact and memory-bounded.
 
@@ -591,6 +592,8 @@ def evaluate_rank(
         chunk_size: query rows per chunk; ``None`` picks a multiple of 64 keeping the (rows, G) distance buffer at
             128 MiB or less. Peak extra memory: that buffer, a copy of the features with 1-2 extra columns, and one
             row per thread.
+        device: where the distances are computed (``evaluation_device``: None picks CUDA when present, else the
+            CPU). The ranking runs on the CPU; the next chunk's distances are computed while this one is ranked.
 
     Returns:
         RankResult (see the module docstring for the protocol, ties and skipped queries).
@@ -611,15 +614,54 @@ def evaluate_rank(
     qp, gp = prepare_features(q_t, metric=metric, side="query"), prepare_features(g_t, metric=metric, side="gallery")
     check_distance_range(qp, gp, metric=metric)
     rows = _check_chunk_size(chunk_size, q_t.shape[0], g_t.shape[0])
-    num_queries = q_t.shape[0]
+    dev = evaluation_device(device)
+    chunks = _overlapped_distance_chunks(qp, gp, rows, dev)
+    return evaluate_distance_chunks(chunks, *q_ids, max_rank=max_rank, check_finite=False)
 
-    def chunks():
-        buffer = torch.empty((rows, g_t.shape[0]), dtype=q_t.dtype)  # reused: each chunk is ranked before the next
-        for start in range(0, num_queries, rows):
-            stop = min(start + rows, num_queries)
-            yield start, stop, distance_block(qp, gp, start, stop, out=buffer)
 
-    return evaluate_distance_chunks(chunks(), *q_ids, max_rank=max_rank, check_finite=False)
+def evaluation_device(device: torch.device | str | None = None) -> torch.device:
+    """The device ``evaluate_rank`` computes distances on: ``device``, or CUDA when present and the CPU otherwise.
+
+    Raises:
+        ValueError: a CUDA device was asked for but torch sees none (one line, before any work).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"evaluation device {str(device)!r}: torch sees no CUDA device here; use 'cpu' or None")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"evaluation device {str(device)!r}: expected 'cpu', 'cuda[:N]' or None")
+    return dev
+
+
+def _overlapped_distance_chunks(qp: PreparedFeatures, gp: PreparedFeatures, rows: int, device: torch.device):
+    """``(start, stop, dist)`` chunks of the (Q, G) distances as CPU tensors; chunk k + 1 is computed (on
+    ``device``, in a background thread) while the caller ranks chunk k, into the other of two reused CPU buffers
+    (pinned memory on CUDA, filled by a non-blocking copy). Numbers are those of ``distance_block`` on ``device``."""
+    num_queries, num_gallery = qp.augmented.shape[0], gp.augmented.shape[0]
+    on_gpu = device.type == "cuda"
+    buffers = [torch.empty((rows, num_gallery), dtype=qp.augmented.dtype, pin_memory=on_gpu) for _ in range(2)]
+    if on_gpu:
+        qp = PreparedFeatures(qp.augmented.to(device), qp.sq_norms)
+        gp = PreparedFeatures(gp.augmented.to(device), gp.sq_norms)
+
+    def compute(k: int, start: int, stop: int) -> torch.Tensor:
+        out = buffers[k % 2][: stop - start]
+        if on_gpu:
+            out.copy_(distance_block(qp, gp, start, stop), non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+            return out
+        return distance_block(qp, gp, start, stop, out=buffers[k % 2])
+
+    bounds = [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+    with ThreadPoolExecutor(max_workers=1) as producer:
+        pending = producer.submit(compute, 0, *bounds[0])
+        for k, (start, stop) in enumerate(bounds):
+            dist = pending.result()
+            if k + 1 < len(bounds):  # the buffer of chunk k - 1, which the caller has finished ranking
+                pending = producer.submit(compute, k + 1, *bounds[k + 1])
+            yield start, stop, dist
 
 
 def evaluate_distmat(

@@ -1,6 +1,6 @@
 """DeepSpeed configuration builder: one dict per engine, selected by the run's scaling settings.
 
-CPU (the embedded default): fp32 (or bf16), the gloo backend, a torch optimizer passed to ``deepspeed.initialize``
+CPU (the embedded default): fp32 (or bf16, or bf16 autocast), the gloo backend, a torch optimizer passed to ``deepspeed.initialize``
 (DeepSpeed's fused optimizers need CUDA). GPU: bf16 by default, NCCL, ZeRO stage from config, and DeepSpeed's own
 Adam from the config's ``optimizer`` section, which selects the fused CUDA kernel where it is available.
 This module only builds dicts (unit-tested on both paths); it never touches CUDA itself.
@@ -28,8 +28,10 @@ def deepspeed_config(
 
     ``micro_batch_size`` is per worker; DeepSpeed checks train_batch_size = micro × accumulation × world_size.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {precision!r} is not supported; use fp32 or bf16 (fp16 does not run on the CPU)")
+    if precision not in ("fp32", "bf16", "bf16_autocast"):
+        raise ValueError(
+            f"precision {precision!r} is not supported; use fp32, bf16 or bf16_autocast (fp16 does not run on the CPU)"
+        )
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"ZeRO stage {zero_stage} is not supported here; use 0, 1 or 2")
     cfg: dict[str, Any] = {
@@ -42,6 +44,10 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # progress goes to MLflow, not to DeepSpeed's stdout
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16_autocast":
+        # fp32 weights, gradients and optimizer; the engine's forward runs under torch.autocast(bfloat16), which
+        # computes DeepSpeed's default "lower-precision-safe" modules (Linear, Conv) in bf16.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if gradient_clipping:
         cfg["gradient_clipping"] = gradient_clipping
     if use_gpu:

@@ -65,6 +65,16 @@ def make_trainer(loop, loop_config: dict, *, scaling, run, settings, outage_seco
     )
 
 
+def loader_kwargs(workers: int, *, use_gpu: bool) -> dict:
+    """DataLoader settings of the training loops: ``workers`` processes (forkserver: s3fs is not fork-safe; kept
+    across epochs), each reading ``prefetch_factor`` batches ahead; on GPUs batches land in pinned (page-locked) host
+    memory so that ``.to(device, non_blocking=True)`` copies them asynchronously."""
+    kwargs: dict = {"num_workers": workers, "pin_memory": bool(use_gpu)}
+    if workers:
+        kwargs.update(multiprocessing_context="forkserver", persistent_workers=True, prefetch_factor=4)
+    return kwargs
+
+
 def _setup_accelerator(use_gpu: bool) -> None:
     """DeepSpeed picks its accelerator at import: select the CPU one explicitly unless the run is on GPUs."""
     if not use_gpu:
@@ -98,13 +108,13 @@ def train_gan_loop(loop_config: dict) -> None:
     _setup_accelerator(cfg.scaling.use_gpu)
     _setup_storage(cfg.storage)
     import deepspeed
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
     from reid_core.models import build_model
     from reid_core.train.checkpoint import restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
-    from reid_core.train.steps import Guidance, gan_step
+    from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -128,7 +138,8 @@ def train_gan_loop(loop_config: dict) -> None:
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.run.seed, drop_last=True
     )
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    batches = dataset.read_ahead(BatchSampler(sampler, cfg.optim.batch_size, drop_last=True))
+    loader = DataLoader(dataset, batch_sampler=batches, **loader_kwargs(0, use_gpu=cfg.scaling.use_gpu))
     if len(loader) == 0:
         raise ValueError(
             f"{cfg.data.uri}: {len(records)} {cfg.data.split} images give no full batch of {cfg.optim.batch_size} "
@@ -186,12 +197,18 @@ def train_gan_loop(loop_config: dict) -> None:
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         t_epoch = time.perf_counter()
+        # The next step's G(z) and its Δ are started right after each step: detection runs while the next batch is
+        # loaded and copied, not while the accelerator waits at the discriminator's loss.
+        ahead = dict(z_dim=cfg.model.z_dim, device=device, generator=step_rng, guidance=guidance,
+                     detect_faces=detector.submit)  # fmt: skip
+        prepared = prepare_fakes(gen, cfg.optim.batch_size, **ahead)
         for batch in loader:
             out = gan_step(
-                gen, disc, batch["image"].to(device), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
+                gen, disc, batch["image"].to(device, non_blocking=True), z_dim=cfg.model.z_dim, g_steps=cfg.optim.g_steps,
                 generator=step_rng, guidance=guidance, face_absent_real=face_absent_real[batch["index"]],
-                detect_faces=detector.submit, critic=critic,
+                critic=critic, prepared=prepared,
             )  # fmt: skip
+            prepared = prepare_fakes(gen, cfg.optim.batch_size, **ahead)
             for k, v in out.items():
                 sums[k] += v
             steps += 1
@@ -413,10 +430,11 @@ def train_reid_loop(loop_config: dict) -> None:
     else:
         dataset = ReIDDataset(training.records, build_transforms(h, w, train=True, flip_p=cfg.data.flip,
                               pad=cfg.data.pad, erase_p=cfg.data.random_erasing), on_bad_image=cfg.data.on_bad_image, decode_size=(h, w))  # fmt: skip
-    loader_kwargs = {"num_workers": cfg.data.loader_workers}
-    if cfg.data.loader_workers:
-        loader_kwargs.update(multiprocessing_context="forkserver", persistent_workers=True)
-    loader = DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
+    batches = sampler
+    if not cfg.data.loader_workers and isinstance(dataset, ReIDDataset):
+        batches = dataset.read_ahead(sampler)  # in-process: the next batches' bytes are read while this one trains
+    loader = DataLoader(dataset, batch_sampler=batches,
+                        **loader_kwargs(cfg.data.loader_workers, use_gpu=cfg.scaling.use_gpu))  # fmt: skip
     is_generated = training.is_generated
 
     # --- model and engine: the torch optimizer (SGD + Nesterov or Adam) is passed to DeepSpeed on every path
@@ -482,12 +500,12 @@ def train_reid_loop(loop_config: dict) -> None:
                 group["lr"] = lr
             if condenses:
                 engine.module.apply_condensation(progress)
-            images = batch["image"].to(device, dtype)
-            labels = batch["pid"].to(device)
+            images = batch["image"].to(device, dtype, non_blocking=True)  # from pinned memory on GPUs
+            labels = batch["pid"].to(device, non_blocking=True)
             generated = is_generated[batch["index"]].to(device)
             if dual:
-                has_face = batch["has_face"].to(device)
-                logits = engine(images, batch["face_crop"].to(device, dtype), has_face)
+                has_face = batch["has_face"].to(device, non_blocking=True)
+                logits = engine(images, batch["face_crop"].to(device, dtype, non_blocking=True), has_face)
             elif cfg.loss.triplet:
                 metric_features, logits = engine.module.forward_train(images)
             else:

@@ -74,6 +74,35 @@ def _frozen_call(updater: Updater, x: torch.Tensor) -> torch.Tensor:
         updater.module.requires_grad_(True)
 
 
+@dataclass
+class PreparedFakes:
+    """The discriminator's generated batch of the next step, made ahead (``prepare_fakes``): ``fake`` = G(z) with G's
+    weights as they are when the step starts, and ``pending`` its Δ being detected (a Future, or None)."""
+
+    fake: torch.Tensor
+    pending: object | None
+
+
+def prepare_fakes(
+    gen: Updater,
+    n: int,
+    *,
+    z_dim: int,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    guidance: Guidance = Guidance(),
+    detect_faces: Callable[[torch.Tensor], object] | None = None,
+) -> PreparedFakes:
+    """G(z) for the next ``gan_step`` and the start of its Δ, right after the previous step's updates: the detector's
+    threads then work while the loop fetches and copies the next real batch, instead of while the GPU waits at the
+    discriminator's loss. G does not change between the two, so the step's result is what it would compute itself."""
+    dtype = next(gen.module.parameters()).dtype
+    with torch.no_grad():
+        fake = gen.module(torch.randn(n, z_dim, generator=generator, device=device).to(dtype))
+    pending = detect_faces(fake) if (detect_faces is not None and guidance.needs_fake_detection) else None
+    return PreparedFakes(fake, pending)
+
+
 def gan_step(
     gen: Updater,
     disc: Updater,
@@ -86,6 +115,7 @@ def gan_step(
     face_absent_real: torch.Tensor | None = None,
     detect_faces: Callable[[torch.Tensor], torch.Tensor] | None = None,
     critic: Updater | None = None,
+    prepared: PreparedFakes | None = None,
 ) -> dict[str, float]:
     """One discriminator update and ``g_steps`` generator updates of the (face-guided) DC-GAN.
 
@@ -98,6 +128,8 @@ def gan_step(
         and the generated one, with the detector's labels on both (BCE(F(·), 1 − Δ(·)), ``detect_faces`` required):
         the generator cannot raise F without drawing what the detector calls a face. D's losses then use
         Δ = 1 − σ(F(·)) and the generator's loss adds λ2 · mean(1 − σ(F(G(z)))).
+    prepared: the discriminator's generated batch and its pending Δ, made by ``prepare_fakes`` after the previous
+        step (then ``detect_faces`` is not called here); None: generated and submitted here.
 
     Returns floats: ``loss_d``, ``loss_g`` (mean over the generator updates), the paper's penalised value
     ``loss_d_penalised``, ``d_real`` / ``d_fake`` (mean D(x), D(G(z))), the Δ rates ``face_absent_real`` /
@@ -127,10 +159,13 @@ def gan_step(
 
     logs: dict[str, float] = {}
     # --- discriminator: maximise log D(x) + log(1 − D(G(z))), with Δ entering as the guidance mode says
-    with torch.no_grad():
-        fake = gen.module(noise())  # G is not updated here: no graph through it
-    needs_fake_delta = detect_faces is not None and (guidance.needs_fake_detection or critic is not None)
-    pending = detect_faces(fake) if needs_fake_delta else None
+    if prepared is None:
+        prepared = prepare_fakes(gen, n, z_dim=z_dim, device=real.device, generator=generator, guidance=guidance,
+                                 detect_faces=detect_faces)  # fmt: skip
+    if prepared.fake.shape[0] != n:
+        raise ValueError(f"gan_step: prepared fakes hold {prepared.fake.shape[0]} images for a batch of {n}")
+    fake, pending = prepared.fake, prepared.pending  # G is not updated here: no graph through it
+    needs_fake_delta = pending is not None
     logits_real = disc(real)
     logits_fake = disc(fake)
     # A Future from FaceDetector.submit resolves here: detection overlapped with D's forward passes.
