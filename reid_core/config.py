@@ -83,12 +83,17 @@ class ScalingConfig:
     # None: always num_workers. An int: elastic Ray Train, between min_workers and num_workers workers, as many as the
     # cluster has resources for; a restart at another world size resumes under DESIGN.md's world-size rule.
     min_workers: int | None = None
+    # How long preflight waits for nodes that can hold the workers before it fails in one line
+    # (pipeline.check_cluster_resources): 0 fails at once (a fixed cluster); an autoscaling cluster adds nodes only
+    # when asked, so its configs set a bound here (configs/gan.yaml: 900 s).
+    resource_wait_seconds: float = 0.0
 
     def validate(self) -> None:
         check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         check_choice("scaling.precision", self.precision, PRECISIONS)
         check_positive("scaling.num_workers", self.num_workers)
         check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        check_non_negative("scaling.resource_wait_seconds", self.resource_wait_seconds)
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:

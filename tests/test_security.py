@@ -120,8 +120,6 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
     import urllib.request
     import uuid
 
-    from reid_core.stack import SECRET_ENV
-
     planted = {"AWS_SECRET_ACCESS_KEY": f"planted-secret-{uuid.uuid4().hex}",
                "AWS_SESSION_TOKEN": f"planted-token-{uuid.uuid4().hex}",
                "AWS_ACCESS_KEY_ID": f"planted-key-{uuid.uuid4().hex}",
@@ -156,4 +154,6 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
     leaks = sorted({(name, where) for where, blob in blobs.items() for name, value in planted.items()
                     if value.encode() in blob})  # fmt: skip
     assert not leaks, f"planted credentials found: {leaks}"
+    from reid_core.stack import SECRET_ENV
+
     assert set(planted) <= set(SECRET_ENV)
