@@ -83,6 +83,21 @@ def run_job(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
         (["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.bogus=1"], {}, "unknown key 'optim.bogus'"),
         (["--config", str(ROOT / "configs/demo.yaml"), "--set", "guidance.lambda1=2"], {}, "outside [0, 1]"),
         (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.lr=inf"],
+            {},
+            "optim.lr: expected a finite number, got inf",
+        ),
+        (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.lr=nan"],
+            {},
+            "optim.lr: expected a finite number, got nan",
+        ),
+        (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "run.name=../synthetic/msmt17-big"],
+            {},
+            "run.name: '../synthetic/msmt17-big' is not a single path segment",
+        ),
+        (
             ["--config", str(ROOT / "configs/demo.yaml")],
             {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
             "S3 endpoint http://127.0.0.1:9 is unreachable for bucket 'reid-data'",
