@@ -104,11 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"a few images ({SMOKE_TEST['max_queries']} queries, {SMOKE_TEST['max_gallery']} "
                              "gallery): checks the whole path in a minute")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.smoke_test:
-        for key, value in SMOKE_TEST.items():
-            if key in ("max_queries", "max_gallery") and getattr(args, key) is not None:
-                value = min(value, getattr(args, key))
-            setattr(args, key, value)
+    if args.smoke_test:  # the smoke test's sizes are defaults: explicit arguments still win
+        parser.set_defaults(**SMOKE_TEST)
+        args = parser.parse_args(argv)
     return args
 
 

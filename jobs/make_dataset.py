@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty location")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny dataset (4 ids, 2 cameras), read back")
     args = parser.parse_args(argv)
-    if args.smoke_test:
-        for key, value in SMOKE_TEST.items():
-            setattr(args, key, value)
+    if args.smoke_test:  # the smoke test's sizes are defaults: an explicit --ids (...) still wins
+        parser.set_defaults(**SMOKE_TEST)
+        args = parser.parse_args(argv)
 
     try:
         spec = synthetic.SyntheticSpec(

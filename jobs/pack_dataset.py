@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def _relative(splits, root: str) -> dict[str, list[tuple]]:
 
 def check_inputs(args) -> tuple:
     """One-line errors before any work: locations, the source's layout, where the pack goes."""
-    if args.shard_mb <= 0:
+    if not (args.shard_mb > 0 and math.isfinite(args.shard_mb)):  # NaN is not <= 0
         raise ValueError(f"--shard-mb {args.shard_mb}: expected a positive size in MB")
     src, out = args.src.rstrip("/"), args.out.rstrip("/")
     if storage.is_within(out, src):  # normalised first: X/./packed and X/a/../packed lie inside X too

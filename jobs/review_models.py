@@ -12,7 +12,9 @@ the dataset come from the version's tags (as ``jobs/train_gan.py`` / ``jobs/trai
 its run's params.
 
 ``promote`` refuses (exit 2, one line) a version whose gate metric is worse than the current champion's on the same
-dataset, a version or champion without that metric, or a champion evaluated on another dataset, unless ``--force``;
+dataset, a version or champion without that metric or with a non-finite value (NaN, infinity), or a champion whose
+value was measured on another dataset (an ``eval.<dataset>.*`` metric: the dataset it was evaluated on; any other
+metric: its training run's ``data.uri``), unless ``--force``;
 it records who, when and why as tags ``champion.*`` on the promoted version.
 """
 
@@ -300,16 +302,42 @@ def metric_direction(metric: str, direction: str) -> str:
     return "lower" if metric.startswith(LOWER_IS_BETTER_PREFIXES) else "higher"
 
 
+def metric_source(record: VersionRecord, metric: str) -> tuple[str, str]:
+    """(dataset, how) that ``metric`` of ``record`` was measured on: an ``eval.<dataset>.<metric>`` tag of
+    ``jobs/evaluate.py`` was evaluated on that tag group's ``eval.<dataset>.data.uri``; any other metric is its
+    training run's, on the run's ``data.uri`` (a re-ID run evaluates on that dataset's query/gallery, a GAN run's
+    losses are on its training images)."""
+    if metric.startswith("eval."):
+        # <dataset> may contain dots (eval.msmt17.rerank.mAP): the longest eval.<x>. prefix with a data.uri tag wins
+        groups = [k[: -len("data.uri")] for k in record.tags if k.startswith("eval.") and k.endswith(".data.uri")]
+        matching = sorted((g for g in groups if metric.startswith(g)), key=len, reverse=True)
+        if matching:
+            return record.tags[f"{matching[0]}data.uri"], "evaluated on"
+        return "?", "evaluated on"
+    return record.dataset, "from its training run on"
+
+
+def gate_number(value: float) -> float:
+    """``value`` as the gate sees it: MLflow stores an infinite metric as ±``sys.float_info.max``, which is read back
+    as infinity here so that it is refused like one."""
+    return math.copysign(math.inf, value) if math.isfinite(value) and abs(value) >= sys.float_info.max else value
+
+
 def promotion_gate(
     candidate: VersionRecord, champion: VersionRecord | None, *, metric: str, direction: str
 ) -> tuple[bool, str]:
-    """(passes, one-line explanation). Fails when the candidate lacks ``metric``, the champion lacks it or was
-    evaluated on another dataset, or the candidate is worse than the champion in ``direction``."""
+    """(passes, one-line explanation). Fails when the candidate lacks ``metric`` or its value is not finite, the
+    champion lacks it, holds a non-finite value or measured it on another dataset (``metric_source``), or the
+    candidate is worse than the champion in ``direction``. Every comparison is made on finite numbers only: any
+    comparison with NaN is false, so a NaN candidate would pass a plain ``worse`` test."""
     if metric not in candidate.metrics:
         have = ", ".join(sorted(candidate.metrics)) or "none"
         return False, (f"{candidate.name} v{candidate.version} has no metric {metric!r} to compare (its metrics: "
                        f"{have}): choose one with --metric, or pass --force")  # fmt: skip
-    value = candidate.metrics[metric]
+    value = gate_number(candidate.metrics[metric])
+    if not math.isfinite(value):
+        return False, (f"{candidate.name} v{candidate.version} has {metric} = {value}, not a finite number: its "
+                       f"training or evaluation diverged; pass --force to promote anyway")  # fmt: skip
     if champion is None:
         return True, f"no current @{CHAMPION_ALIAS}: {metric} {format_value(value)} becomes the bar"
     if champion.version == candidate.version:
@@ -317,15 +345,19 @@ def promotion_gate(
     if metric not in champion.metrics:
         return False, (f"the current @{CHAMPION_ALIAS} v{champion.version} has no metric {metric!r}: the gate cannot "
                        f"compare; choose another --metric, or pass --force")  # fmt: skip
-    if champion.dataset != candidate.dataset:
-        return False, (f"v{candidate.version} was evaluated on {candidate.dataset} but @{CHAMPION_ALIAS} "
-                       f"v{champion.version} on {champion.dataset}: {metric} is not comparable; pass --force to "
-                       f"promote anyway")  # fmt: skip
-    bar = champion.metrics[metric]
+    bar = gate_number(champion.metrics[metric])
+    if not math.isfinite(bar):
+        return False, (f"the current @{CHAMPION_ALIAS} v{champion.version} has {metric} = {bar}, not a finite "
+                       f"number: the gate cannot compare; pass --force to replace it")  # fmt: skip
+    (dataset, how), (champion_dataset, champion_how) = metric_source(candidate, metric), metric_source(champion, metric)
+    if dataset == "?" or dataset != champion_dataset:
+        return False, (f"v{candidate.version}'s {metric} is {how} {dataset} but @{CHAMPION_ALIAS} "
+                       f"v{champion.version}'s {champion_how} {champion_dataset}: {metric} is not comparable; pass "
+                       f"--force to promote anyway")  # fmt: skip
     worse = value > bar if direction == "lower" else value < bar
     relation = "<" if value < bar else ">" if value > bar else "="
     comparison = (f"{metric} {format_value(value)} {relation} {format_value(bar)} of @{CHAMPION_ALIAS} "
-                  f"v{champion.version} on {candidate.dataset} ({direction} is better)")  # fmt: skip
+                  f"v{champion.version}, both {how} {dataset} ({direction} is better)")  # fmt: skip
     if worse:
         return False, f"{candidate.name} v{candidate.version} is worse: {comparison}; pass --force to promote anyway"
     return True, comparison

@@ -96,9 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the distractor set already at --out")
     parser.add_argument("--smoke-test", action="store_true", help="64 images in 2 chunks: checks the whole path")
     args = parser.parse_args(argv)
-    if args.smoke_test:
-        for key, value in SMOKE_TEST.items():
-            setattr(args, key, value)
+    if args.smoke_test:  # the smoke test's sizes are defaults: an explicit --num-images (...) still wins
+        parser.set_defaults(**SMOKE_TEST)
+        args = parser.parse_args(argv)
     return args
 
 

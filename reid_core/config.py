@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,12 +83,17 @@ class ScalingConfig:
     # None: always num_workers. An int: elastic Ray Train, between min_workers and num_workers workers, as many as the
     # cluster has resources for; a restart at another world size resumes under the world-size rule of docs/architecture.md.
     min_workers: int | None = None
+    # How long preflight waits for nodes that can hold the workers before it fails in one line
+    # (pipeline.check_cluster_resources): 0 fails at once (a fixed cluster); an autoscaling cluster adds nodes only
+    # when asked, so its configs set a bound here (configs/gan.yaml: 900 s).
+    resource_wait_seconds: float = 0.0
 
     def validate(self) -> None:
         check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         check_choice("scaling.precision", self.precision, PRECISIONS)
         check_positive("scaling.num_workers", self.num_workers)
         check_positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        check_non_negative("scaling.resource_wait_seconds", self.resource_wait_seconds)
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"scaling.zero_stage: expected 0, 1 or 2, got {self.zero_stage}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
@@ -104,6 +111,13 @@ class RunConfig:
     keep_checkpoints: int = 2
     seed: int = 0
 
+    def validate(self) -> None:
+        check_name("run.name", self.name)
+        if not self.storage:
+            raise ConfigError("run.storage: missing location for checkpoints (s3://bucket/prefix or a local path)")
+        check_non_negative("run.max_failures", self.max_failures)
+        check_positive("run.keep_checkpoints", self.keep_checkpoints)
+
 
 @dataclass
 class TrackingConfig:
@@ -117,8 +131,8 @@ class TrackingConfig:
     flush_seconds: float = 120.0
 
     def validate(self) -> None:
-        if self.flush_seconds < 0:
-            raise ConfigError(f"tracking.flush_seconds: expected ≥ 0, got {self.flush_seconds}")
+        check_non_negative("tracking.flush_seconds", self.flush_seconds)
+        check_positive("tracking.num_samples", self.num_samples)
 
 
 @dataclass
@@ -132,8 +146,7 @@ class StorageConfig:
     outage_seconds: float = 120.0
 
     def validate(self) -> None:
-        if self.outage_seconds < 0:
-            raise ConfigError(f"storage.outage_seconds: expected ≥ 0, got {self.outage_seconds}")
+        check_non_negative("storage.outage_seconds", self.outage_seconds)
 
 
 @dataclass
@@ -154,6 +167,10 @@ class GanJobConfig:
         self.scaling.validate()
         self.storage.validate()
         self.tracking.validate()
+        self.run.validate()
+        for key, value in (("optim.beta1", self.optim.beta1), ("optim.beta2", self.optim.beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}: expected a value in [0, 1), got {value}")
         check_unit_interval("guidance.lambda1", self.guidance.lambda1)
         check_unit_interval("guidance.lambda2", self.guidance.lambda2)
         check_positive("optim.batch_size", self.optim.batch_size)
@@ -161,8 +178,7 @@ class GanJobConfig:
         check_positive("optim.g_steps", self.optim.g_steps)
         check_positive("optim.lr", self.optim.lr)
         check_positive("model.z_dim", self.model.z_dim)
-        if self.guidance.detector_workers < 0:
-            raise ConfigError(f"guidance.detector_workers: expected ≥ 0, got {self.guidance.detector_workers}")
+        check_non_negative("guidance.detector_workers", self.guidance.detector_workers)
         check_positive("model.width", self.model.width)
         if self.data.max_images is not None:
             check_positive("data.max_images", self.data.max_images)
@@ -188,8 +204,28 @@ def check_unit_interval(key: str, value: float) -> None:
 
 
 def check_positive(key: str, value: float) -> None:
-    if value <= 0:
+    # Written so that NaN fails too (NaN <= 0 is false): a value passes only when it is provably in range.
+    if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{key}: expected a positive value, got {value}")
+
+
+def check_non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{key}: expected ≥ 0, got {value}")
+
+
+# A name that becomes one folder of a path (run.name under run.storage, search.name under search.storage and
+# synthesis.out): one segment of letters, digits, '.', '_' and '-', not starting with '.', so never '..', '/', '\\',
+# a hidden folder, a URI scheme or an empty string.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(key: str, value: str) -> None:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a single path segment: use 1-128 letters, digits, '.', '_' or '-', "
+            "not starting with '.' (it names a folder under the storage location)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -292,12 +328,16 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "2e-4" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # Every float of every config is a rate, weight, probability, CPU count or duration: NaN defeats every range
+        # check after this one (any comparison with NaN is false) and infinity passes "positive".
+        raise ConfigError(f"{where}: {key}: expected a finite number, got {value}")
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
@@ -443,6 +483,7 @@ class ReidJobConfig:
         self.scaling.validate()
         self.storage.validate()
         self.tracking.validate()
+        self.run.validate()
         if not self.data.uri:
             raise ConfigError("data.uri: missing dataset location (s3://bucket/prefix or a local path)")
         for key, value in (
@@ -467,8 +508,7 @@ class ReidJobConfig:
             ("loss.triplet_margin", self.loss.triplet_margin),
             ("optim.warmup_epochs", self.optim.warmup_epochs),
         ):
-            if value < 0:
-                raise ConfigError(f"{key}: expected ≥ 0, got {value}")
+            check_non_negative(key, value)
         if not 0.0 <= self.optim.momentum < 1.0:
             raise ConfigError(f"optim.momentum: expected a value in [0, 1), got {self.optim.momentum}")
         if self.optim.nesterov and self.optim.optimizer == "sgd" and self.optim.momentum == 0:
@@ -481,7 +521,7 @@ class ReidJobConfig:
                            ("distractors.max_images", self.distractors.max_images)):  # fmt: skip
             if value is not None:
                 check_positive(key, value)
-        if self.distractors.per_batch is not None and self.distractors.per_batch < 0:
+        if self.distractors.per_batch is not None and not self.distractors.per_batch >= 0:
             raise ConfigError(
                 f"distractors.per_batch: expected ≥ 0 or null (proportional), got {self.distractors.per_batch}"
             )
@@ -620,8 +660,9 @@ class TuneJobConfig:
             raise ConfigError(f"search.reduction_factor: expected ≥ 2, got {s.reduction_factor}")
         if s.max_concurrent_trials is not None:
             check_positive("search.max_concurrent_trials", s.max_concurrent_trials)
-        if not s.name or "/" in s.name:
-            raise ConfigError(f"search.name: {s.name!r} must be a non-empty name without '/'")
+        check_name("search.name", s.name)
+        if not s.storage:
+            raise ConfigError("search.storage: missing location for the search's state")
         if s.mode == "asha":
             if not self.reid.eval.every_epochs:
                 raise ConfigError(
@@ -642,7 +683,7 @@ class TuneJobConfig:
             raise ConfigError(
                 f"synthesis.chunk_size: {y.chunk_size} must be a multiple of synthesis.batch_size ({y.batch_size})"
             )
-        if y.workers < 0 or y.seed < 0:
+        if not (y.workers >= 0 and y.seed >= 0):
             raise ConfigError(f"synthesis.workers and synthesis.seed: expected ≥ 0, got {y.workers}, {y.seed}")
         if not y.out:
             raise ConfigError("synthesis.out: missing location for the trials' distractor sets")

@@ -1,7 +1,8 @@
 """The reusable cores of the training jobs: GAN training, re-ID training with distractors, and their checks.
 
 ``jobs/train_gan.py`` and ``jobs/train_reid.py`` parse a config, call ``preflight_*`` (every input problem raises a
-``ConfigError`` / ``StorageError`` / ``TrackingError`` / ``ValueError`` naming what to fix, before Ray starts), then
+``ConfigError`` / ``StorageError`` / ``TrackingError`` / ``ValueError`` naming what to fix, before Ray starts; the
+last check joins Ray to see that the cluster can hold the workers at all), then
 ``run_gan`` / ``run_reid`` (MLflow run, ``TorchTrainer.fit``, registration) and print a summary. The λ search
 (``reid_core/train/tune.py``) calls the same functions inside each Tune trial; the distractor synthesis between them
 is ``reid_core.distractors``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,55 @@ def _ensure_ray(use_gpu: bool) -> None:
         init_ray_for_job(use_gpu=use_gpu)
 
 
+def workers_that_fit(nodes: list[dict[str, float]], bundle: dict[str, float], strategy: str) -> int:
+    """How many worker bundles ``bundle`` (e.g. {"CPU": 1.0}) the nodes' total resources (``nodes``: one dict each)
+    can hold at once under the placement-group ``strategy``."""
+    per_node = [min(int(res.get(k, 0.0) // v) for k, v in bundle.items() if v > 0) for res in nodes]
+    if strategy == "STRICT_PACK":
+        return max(per_node, default=0)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n > 0)
+    return sum(per_node)
+
+
+def check_cluster_resources(scaling) -> None:
+    """Fail in one line when the Ray cluster cannot hold the run's workers (``scaling``: a ``config.ScalingConfig``):
+    Ray Train would otherwise wait for them forever. Compared with the total resources of the alive nodes (what other
+    jobs use now frees up later). An autoscaling cluster adds nodes only once asked, so there the check waits up to
+    ``scaling.resource_wait_seconds`` (set in the cluster configs; 0, the default, fails at once). Starts or joins
+    Ray."""
+    import ray
+
+    _ensure_ray(scaling.use_gpu)
+    bundle = {"CPU": float(scaling.cpus_per_worker), **({"GPU": 1.0} if scaling.use_gpu else {})}
+    need = scaling.min_workers or scaling.num_workers
+    deadline = time.monotonic() + scaling.resource_wait_seconds
+    while True:
+        nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+        fit = workers_that_fit(nodes, bundle, scaling.placement_strategy)
+        if fit >= need:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        log.info("waiting up to %.0f s for nodes (scaling.resource_wait_seconds): %d of %d workers fit now", left, fit,
+                 need)  # fmt: skip
+        time.sleep(min(10.0, left))
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+    have = ", ".join(f"{v:g} {k}" for k, v in totals.items())
+    key = "scaling.min_workers" if scaling.min_workers else "scaling.num_workers"
+    waited = (
+        f" after waiting {scaling.resource_wait_seconds:g} s for more nodes"
+        if scaling.resource_wait_seconds
+        else " (an autoscaling cluster: set scaling.resource_wait_seconds to wait for its nodes)"
+    )
+    raise ConfigError(
+        f"{key}: {need} workers of {', '.join(f'{v:g} {k}' for k, v in bundle.items())} each "
+        f"({scaling.placement_strategy}) cannot run on this Ray cluster: its {len(nodes)} alive nodes hold {have} in "
+        f"all, room for {fit}{waited}; lower {key} or scaling.cpus_per_worker, or add nodes"
+    )
+
+
 def _train(loop, cfg, mlflow_uri: str, *, params: dict, tags: dict, settings, callbacks):
     """The MLflow run named ``cfg.run.name`` (continued when it exists, else created with ``params`` and ``tags``),
     then ``loop`` on a ``TorchTrainer`` (``make_trainer``). Returns (run id, ``Result``, seconds in ``fit``)."""
@@ -49,20 +100,25 @@ def _train(loop, cfg, mlflow_uri: str, *, params: dict, tags: dict, settings, ca
         run_id = tracking.start_run(mlflow_uri, cfg.tracking.experiment, cfg.run.name, params, tags=tags)
     else:
         log.info("continuing MLflow run %s (run name %r): Ray resumes from its last checkpoint", run_id, cfg.run.name)
+        tracking.client(mlflow_uri).update_run(run_id, status="RUNNING")  # it may have ended FAILED or KILLED
     _ensure_ray(cfg.scaling.use_gpu)
-    trainer = make_trainer(loop, {"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id},
+    attempt = uuid.uuid4().hex  # names this fit's stop tag (loops.STOP_TAG) apart from a continued run's older ones
+    trainer = make_trainer(loop, {"job": to_dict(cfg), "mlflow_uri": mlflow_uri, "run_id": run_id, "attempt": attempt},
                            scaling=cfg.scaling, run=cfg.run, settings=settings,
                            outage_seconds=cfg.storage.outage_seconds, callbacks=callbacks)  # fmt: skip
     t0 = time.perf_counter()
-    result = _fit(trainer, mlflow_uri, run_id, cfg.run, settings)
+    result = _fit(trainer, mlflow_uri, run_id, cfg.run, settings, attempt=attempt)
     return run_id, result, time.perf_counter() - t0
 
 
-def _fit(trainer, mlflow_uri: str, run_id: str, run, settings):
-    """``trainer.fit()``; the run is FAILED when it raises or reports no checkpoint. A training failure (workers or
-    Ray Train's controller, after ``run.max_failures`` restarts) becomes a ``PipelineError`` that says, in one line,
-    what failed first and how to resume."""
+def _fit(trainer, mlflow_uri: str, run_id: str, run, settings, *, attempt: str | None = None):
+    """``trainer.fit()``; the run is FAILED when it raises, when the workers stopped it (a non-finite loss, told
+    through the run's ``loops.STOP_TAG`` for ``attempt``) or when it reports no checkpoint. A training failure
+    (workers or Ray Train's controller, after ``run.max_failures`` restarts) becomes a ``PipelineError`` that says, in
+    one line, what failed first and how to resume; a stop says what diverged and that resuming would not help."""
     from ray.train import TrainingFailedError
+
+    from reid_core.train.loops import STOP_TAG
 
     try:
         result = trainer.fit()
@@ -72,6 +128,18 @@ def _fit(trainer, mlflow_uri: str, run_id: str, run, settings):
     except Exception:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
+    except BaseException:
+        # A stopped job: `ray job stop` sends SIGTERM, which Ray's driver handler turns into SystemExit (Ctrl-C:
+        # KeyboardInterrupt). The run does not stay RUNNING; the next run of that name continues it.
+        tracking.set_terminated(mlflow_uri, run_id, "KILLED")
+        raise
+    stopped = tracking.client(mlflow_uri).get_run(run_id).data.tags.get(STOP_TAG, "")
+    if attempt and stopped.startswith(f"{attempt} "):
+        tracking.set_terminated(mlflow_uri, run_id, "FAILED")
+        raise PipelineError(
+            f"training stopped: {stopped.removeprefix(attempt).strip()}. Nothing was registered; the same "
+            "configuration would diverge again: lower optim.lr or check the data before running again"
+        )
     if result.checkpoint is None:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise PipelineError("training reported no checkpoint")
@@ -123,6 +191,7 @@ def preflight_gan(cfg: GanJobConfig) -> tuple[str, int]:
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
+    check_cluster_resources(cfg.scaling)
     return uri, n
 
 
@@ -216,6 +285,7 @@ def preflight_reid(cfg: ReidJobConfig) -> dict:
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
+    check_cluster_resources(cfg.scaling)
     return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
             "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
 

@@ -227,8 +227,9 @@ class Stack:
 
     def runtime_env(self) -> dict:
         """``--runtime-env-json`` for ``ray job submit`` to this stack: environment variables of the submitting shell
-        do not reach the job's workers, so the endpoints (and the CPU accelerator for DeepSpeed) travel here."""
-        env = {k: v for k, v in self.env().items() if not k.startswith("RAY_")}
+        do not reach the job's workers, so the endpoints (and the CPU accelerator for DeepSpeed) travel here; the S3
+        credentials do not (``SECRET_ENV``): the Ray head has them in its own environment (``_ray_env``)."""
+        env = {k: v for k, v in self.env().items() if not k.startswith("RAY_") and k not in SECRET_ENV}
         env["DS_ACCELERATOR"] = "cpu"
         return {"env_vars": env, "excludes": RUNTIME_ENV_EXCLUDES}
 
@@ -399,8 +400,12 @@ class Stack:
         self._wait("ray", rec, lambda: _http_ok(self.dashboard_url + "/api/version", token=self._ray_token()))
 
     def _ray_env(self) -> dict[str, str]:
-        """Environment of every Ray node this stack starts: token auth on, no usage stats, the venv first on PATH."""
+        """Environment of every Ray node this stack starts: token auth on, no usage stats, the venv first on PATH, and
+        the S3 credentials of the stack's loopback S3 unless the shell that starts the stack has its own: the jobs'
+        workers read credentials from their process environment, never from a runtime env (``SECRET_ENV``)."""
+        credentials = {k: v for k, v in S3_TEST_CREDENTIALS.items() if not os.environ.get(k)}
         return {
+            **credentials,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -499,14 +504,26 @@ def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
 
 
 # What Ray workers need from a job driver's environment to reach the same S3 and MLflow (names only: the values come
-# from the driver's environment; on a cluster the instance role supplies credentials when none are set).
+# from the driver's environment). Endpoints and settings only, never a credential: a runtime env is stored in Ray's
+# job table (the dashboard's /api/jobs/ shows it to anyone with the token) and logged by the runtime-env agent.
+# Workers take credentials from their own process environment: on a cluster the node's role or the cluster's secret
+# store (cluster/), on the embedded stack the Ray head's environment, which the stack sets (``Stack._ray_env``); a
+# local Ray started by ``ray.init`` inherits the driver's environment.
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
+    "TORCH_EXTENSIONS_DIR",
     # Train V2's placement-group cleaner asks the state API for the cluster: with several Ray instances on one machine
     # (tests, CI) it must be told which one, or it fails ("Found multiple active Ray instances").
     "RAY_ADDRESS",
 )  # fmt: skip
+
+
+# Never in a runtime env or a job's description: kept out of ``FORWARDED_ENV`` and ``Stack.runtime_env``.
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "RAY_AUTH_TOKEN",
+)  # fmt: skip
+assert not set(SECRET_ENV) & set(FORWARDED_ENV)
 
 
 def init_ray_for_job(*, use_gpu: bool = False) -> None:

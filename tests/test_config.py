@@ -83,6 +83,21 @@ def run_job(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
         (["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.bogus=1"], {}, "unknown key 'optim.bogus'"),
         (["--config", str(ROOT / "configs/demo.yaml"), "--set", "guidance.lambda1=2"], {}, "outside [0, 1]"),
         (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.lr=inf"],
+            {},
+            "optim.lr: expected a finite number, got inf",
+        ),
+        (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "optim.lr=nan"],
+            {},
+            "optim.lr: expected a finite number, got nan",
+        ),
+        (
+            ["--config", str(ROOT / "configs/demo.yaml"), "--set", "run.name=../synthetic/msmt17-big"],
+            {},
+            "run.name: '../synthetic/msmt17-big' is not a single path segment",
+        ),
+        (
             ["--config", str(ROOT / "configs/demo.yaml")],
             {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
             "S3 endpoint http://127.0.0.1:9 is unreachable for bucket 'reid-data'",
@@ -96,3 +111,107 @@ def test_job_bad_input_is_one_clear_line_before_any_worker(args, env, expected):
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "ray" not in proc.stdout.lower()  # Ray never started
+
+
+# ------------------------------------------------------------------------------------ non-finite numbers, names
+def _float_keys(cls, prefix: str = "") -> list[str]:
+    """Every key of ``cls`` (recursively) whose type is float or a list of floats."""
+    import dataclasses
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{f.name}.")
+        elif tp is float or float in typing.get_args(tp):
+            keys.append(f"{prefix}{f.name}")
+        elif typing.get_origin(tp) is list and typing.get_args(tp) == (float,):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _job_configs():
+    from reid_core.config import ReidJobConfig, TuneJobConfig
+
+    return [(GanJobConfig, "demo.yaml"), (ReidJobConfig, "reid_demo.yaml"), (TuneJobConfig, "tune_demo.yaml")]
+
+
+def _non_finite_cases():
+    cases = []
+    for cls, config in _job_configs():
+        for key in _float_keys(cls):
+            for text in (".nan", ".inf", "-.inf", "nan", "inf"):
+                cases.append(pytest.param(cls, config, key, text, id=f"{cls.__name__}-{key}={text}"))
+    return cases
+
+
+@pytest.mark.parametrize(("cls", "config", "key", "text"), _non_finite_cases())
+def test_every_float_of_every_config_refuses_nan_and_infinity(cls, config, key, text):
+    """NaN defeats every range check (any comparison with NaN is false) and infinity is positive: optim.lr=inf
+    trained with NaN losses and registered the generator (issue #15 item 1)."""
+    value = f"[{text}, 0.5]" if key.startswith("search.lambda") else text  # a list of floats: one element bad
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, ROOT / "configs" / config, [f"{key}={value}"])
+    message = str(err.value)
+    assert key.split(".")[-1] in message and "finite" in message, message
+    assert "\n" not in message
+
+
+def test_the_float_listing_covers_the_known_keys():
+    """The parametrisation above must not silently shrink: the keys the issue named are in it."""
+    from reid_core.config import ReidJobConfig, TuneJobConfig
+
+    gan = _float_keys(GanJobConfig)
+    assert {"optim.lr", "optim.beta1", "optim.beta2", "guidance.lambda1", "scaling.cpus_per_worker",
+            "storage.outage_seconds", "tracking.flush_seconds"} <= set(gan)  # fmt: skip
+    assert {"optim.lr", "optim.momentum", "optim.weight_decay", "data.flip", "model.dropout_rate",
+            "loss.group_lasso"} <= set(_float_keys(ReidJobConfig))  # fmt: skip
+    assert {"search.lambda1", "search.trial_cpus", "gan.optim.lr", "reid.optim.lr"} <= set(_float_keys(TuneJobConfig))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.beta1=1.0", "optim.beta1: expected a value in [0, 1), got 1.0"),
+        ("optim.beta2=-0.1", "optim.beta2: expected a value in [0, 1), got -0.1"),
+        ("run.max_failures=-1", "run.max_failures: expected ≥ 0, got -1"),
+        ("run.keep_checkpoints=0", "run.keep_checkpoints: expected a positive value, got 0"),
+        ("tracking.num_samples=0", "tracking.num_samples: expected a positive value, got 0"),
+        ("run.storage=''", "run.storage: missing location"),
+    ],
+)
+def test_unchecked_ranges_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(GanJobConfig, ROOT / "configs/demo.yaml", [override])
+    assert message in str(err.value)
+
+
+BAD_NAMES = ["../synthetic/msmt17-big", "a/b", "..", ".", "", ".hidden", "a\\b", "s3://x", "a b", "x" * 129, "naïve"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_run_names_are_single_path_segments(name):
+    """run.name=../synthetic/msmt17-big wrote checkpoints and Ray's run state inside the dataset's prefix (item 6)."""
+    from reid_core.config import ReidJobConfig
+
+    for cls, config in ((GanJobConfig, "demo.yaml"), (ReidJobConfig, "reid_demo.yaml")):
+        with pytest.raises(ConfigError) as err:
+            load_config(cls, ROOT / "configs" / config, [f"run.name='{name}'"])
+        assert "run.name" in str(err.value) and "single path segment" in str(err.value)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_search_and_stage_run_names_are_single_path_segments(name):
+    from reid_core.config import TuneJobConfig
+
+    for key in ("search.name", "gan.run.name", "reid.run.name"):
+        with pytest.raises(ConfigError) as err:
+            load_config(TuneJobConfig, ROOT / "configs/tune_demo.yaml", [f"{key}='{name}'"])
+        assert key.split(".")[-2] in str(err.value) and "single path segment" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gan-demo", "gan_demo.v2", "e2e-1a2b3c", "GAN-20240101-120000", "x" * 128])
+def test_ordinary_run_names_pass(name):
+    assert load_config(GanJobConfig, ROOT / "configs/demo.yaml", [f"run.name={name}"]).run.name == name

@@ -205,3 +205,58 @@ def test_report_markdown_and_html_are_logged_to_mlflow(mlflow_server, reid_model
     html = page.read_text()
     assert html.startswith("<!doctype html>") and reid_model in html and gan_model not in html
     assert html.count("src='data:image/png;base64,") == 1  # the one picture, inlined: the page stands alone
+
+
+def test_promotion_gate_refuses_non_finite_values_on_either_side(mlflow_server):
+    """A NaN version became @champion, printing "loss_g nan = 0.7301": any comparison with NaN is false, so NaN was
+    never "worse" (issue #15 item 2)."""
+    c = tracking.client(mlflow_server)
+    name = f"gen-nan-{uuid.uuid4().hex[:6]}"
+    good = register(mlflow_server, name, metrics={"loss_g": 0.7301}, data_uri=DATA_A)
+    nan = register(mlflow_server, name, metrics={"loss_g": float("nan")}, data_uri=DATA_A)
+    inf = register(mlflow_server, name, metrics={"loss_g": float("inf")}, data_uri=DATA_A)
+    # No champion yet: a NaN does not become the bar.
+    line = one_error_line(job(mlflow_server, "promote", name, nan, "--metric", "loss_g"))
+    assert f"v{nan} has loss_g = nan, not a finite number" in line
+    assert not c.get_registered_model(name).aliases
+    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, good, "--metric", "loss_g"]) == 0
+    for version, shown in ((nan, "nan"), (inf, "inf")):
+        line = one_error_line(job(mlflow_server, "promote", name, version, "--metric", "loss_g"))
+        assert f"loss_g = {shown}, not a finite number" in line, line
+        assert c.get_model_version_by_alias(name, "champion").version == good
+    # A NaN champion (forced in) blocks the gate instead of letting anything pass on a false comparison.
+    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, nan, "--metric", "loss_g",
+                               "--force"]) == 0  # fmt: skip
+    line = one_error_line(job(mlflow_server, "promote", name, good, "--metric", "loss_g"))
+    assert f"@champion v{nan} has loss_g = nan, not a finite number: the gate cannot compare" in line
+    assert c.get_model_version_by_alias(name, "champion").version == nan
+
+
+def test_promotion_gate_compares_where_each_metric_was_measured(mlflow_server):
+    """The gate said "evaluated on" but compared the training data.uri (item 9c): an eval.<dataset>.* metric is
+    compared by the dataset it was evaluated on, a training-run metric by the run's data.uri, and the message says
+    which."""
+    c = tracking.client(mlflow_server)
+    name = f"reid-eval-{uuid.uuid4().hex[:6]}"
+    # Trained on different datasets, both evaluated on the same third one: comparable on the eval metric.
+    first = register(mlflow_server, name, metrics={"mAP": 0.5}, data_uri=DATA_A)
+    second = register(mlflow_server, name, metrics={"mAP": 0.4}, data_uri=DATA_B)
+    evaluated = "s3://reid-test/synthetic/flima"
+    for version, value in ((first, 0.3), (second, 0.35)):
+        tracking.set_model_version_tags(mlflow_server, name, version, {"eval.flima.mAP": value,
+                                                                       "eval.flima.data.uri": evaluated})  # fmt: skip
+    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, first, "--metric",
+                               "eval.flima.mAP"]) == 0  # fmt: skip
+    proc = job(mlflow_server, "promote", name, second, "--metric", "eval.flima.mAP")
+    assert proc.returncode == 0, proc.stderr
+    assert f"0.3500 > 0.3000 of @champion v{first}, both evaluated on {evaluated}" in proc.stdout
+    assert c.get_model_version_by_alias(name, "champion").version == second
+    # The training-run metric of the same versions is not comparable (different training datasets), and says so.
+    line = one_error_line(job(mlflow_server, "promote", name, first, "--metric", "mAP"))
+    assert f"mAP is from its training run on {DATA_A}" in line and DATA_B in line and "not comparable" in line
+    # The same evaluation name on another data.uri is not the same dataset.
+    third = register(mlflow_server, name, metrics={"mAP": 0.9}, data_uri=DATA_A)
+    tracking.set_model_version_tags(mlflow_server, name, third, {"eval.flima.mAP": 0.9,
+                                                                 "eval.flima.data.uri": evaluated + "-v2"})  # fmt: skip
+    line = one_error_line(job(mlflow_server, "promote", name, third, "--metric", "eval.flima.mAP"))
+    assert f"evaluated on {evaluated}-v2" in line and "not comparable" in line

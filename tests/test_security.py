@@ -96,3 +96,90 @@ def test_no_code_of_ours_unpickles_files():
         if re.search(r"\bpickle\.loads?\(|cloudpickle\.loads?\(", text):
             offenders.append(f"{path.relative_to(ROOT)}: pickle.load")
     assert not offenders, offenders
+
+
+DRIVER = """
+import os, sys, ray
+sys.path.insert(0, sys.argv[1])
+from reid_core.stack import init_ray_for_job
+
+init_ray_for_job()
+
+@ray.remote(num_cpus=0)
+def worker_env():
+    return {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+
+print("WORKER_ENV", __import__("json").dumps(ray.get(worker_env.remote())))
+"""
+
+
+def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
+    """A job run directly forwarded AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN to Ray as runtime-env variables: they
+    were in the dashboard's /api/jobs/ answer and in runtime_env_agent.log (issue #15 item 7). Plant values, run a
+    driver through the jobs' own ``init_ray_for_job`` against the stack's Ray head, and look for them there."""
+    import time
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    planted = {"AWS_SECRET_ACCESS_KEY": f"planted-secret-{uuid.uuid4().hex}",
+               "AWS_SESSION_TOKEN": f"planted-token-{uuid.uuid4().hex}",
+               "AWS_ACCESS_KEY_ID": f"planted-key-{uuid.uuid4().hex}",
+               "MLFLOW_TRACKING_TOKEN": f"planted-mlflow-{uuid.uuid4().hex}"}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
+    env.update(services_stack.full_env, **planted)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker = json.loads(proc.stdout.split("WORKER_ENV", 1)[1].strip().splitlines()[0])
+    # The worker has credentials, from the Ray head's own environment (the stack's), not the driver's planted ones.
+    assert worker["AWS_SECRET_ACCESS_KEY"] and worker["AWS_ACCESS_KEY_ID"], worker
+    assert not set(worker.values()) & set(planted.values()), worker
+
+    token = services_stack.ray_token_path.read_text().strip()
+    request = urllib.request.Request(f"{services_stack.dashboard_url}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as r:
+        jobs = r.read()
+    assert b"runtime_env" in jobs or b"job_id" in jobs, jobs[:500]  # the answer lists jobs (ours among them)
+    blobs = {"/api/jobs/": jobs}
+    logs = Path("/tmp") / f"ray-dcr-{services_stack.ports.ray_gcs}"
+    files = [f for f in logs.rglob("*") if f.is_file() and not f.is_symlink()]
+    assert any(f.name.startswith("runtime_env_agent") for f in files), sorted(f.name for f in files)[:50]
+    for f in files:
+        try:
+            blobs[str(f)] = f.read_bytes()
+        except OSError:
+            continue
+    # Ray's metrics endpoint (issue #15 item 9a): Ray 2.60 binds it to every interface (it resolves the node address
+    # 127.0.0.1 to the machine's address, and binds loopback only for a loopback node) and it has no token check. What
+    # holds, as docs/reliability.md states: it serves Prometheus text only (no Ray API behind it), carrying no secret.
+    metrics_port = services_stack.ports.ray_metrics
+    binds = {a for a, p, _ in stack_listeners(services_stack) if p == metrics_port}
+    assert binds, f"nothing listens on the metrics port {metrics_port}"
+    if all(is_loopback(a) for a in binds):
+        raise AssertionError(f"Ray's metrics port now binds loopback only ({binds}): update docs/reliability.md row 8a")
+    metrics = b""
+    for _ in range(30):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+                metrics = r.read()
+            break
+        except OSError:
+            time.sleep(1)
+    assert b"# TYPE ray_" in metrics, metrics[:300]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/api/jobs/", timeout=10) as r:
+            other = r.read()
+    except urllib.error.HTTPError as exc:
+        other = exc.read()
+    assert b"job_id" not in other and b"runtime_env" not in other, other[:300]
+    blobs["metrics endpoint"] = metrics
+    leaks = sorted({(name, where) for where, blob in blobs.items() for name, value in planted.items()
+                    if value.encode() in blob})  # fmt: skip
+    assert not leaks, f"planted credentials found: {leaks}"
+    from reid_core.stack import SECRET_ENV
+
+    assert set(planted) <= set(SECRET_ENV)

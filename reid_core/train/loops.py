@@ -100,6 +100,60 @@ def fixed_noise_samples(generator: torch.nn.Module, fixed_noise: torch.Tensor) -
         return sampler(fixed_noise.to(next(sampler.parameters()).dtype))
 
 
+# The MLflow run tag through which rank 0 tells the driver that training stopped on purpose (a non-finite loss), as
+# "<attempt> <one-line reason>"; ``attempt`` is the driver's ``loop_config["attempt"]``, so an older stop of a continued
+# run is never read as this one's.
+STOP_TAG = "training.stopped"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite. Not transient: a restart from the last checkpoint diverges again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # Ray ships worker errors by pickling: keep the message intact
+        return (type(self), (self.message,))
+
+
+def non_finite_losses(values: dict[str, float], *, rank: int, world: int, epoch: int, step: int) -> str | None:
+    """One line naming the epoch, step, rank and every non-finite loss of this step on any rank; None when all are
+    finite. Every rank calls it at the same step with the same keys: each contributes its own row of a
+    (world, keys) table, summed across ranks (one small all-reduce), so every rank takes the same decision and none
+    is left waiting in a collective."""
+    import math
+
+    keys = sorted(values)
+    table = torch.zeros(world, len(keys), dtype=torch.float64)
+    table[rank] = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(table)  # other ranks' rows are 0 in this copy: the sum is each rank's own value
+    bad = [
+        (r, k, v) for r in range(world) for k, v in zip(keys, table[r].tolist(), strict=True) if not math.isfinite(v)
+    ]
+    if not bad:
+        return None
+    shown = ", ".join(f"{k} = {v} (rank {r})" for r, k, v in bad[:4]) + (" ..." if len(bad) > 4 else "")
+    return f"non-finite loss at epoch {epoch}, step {step}: {shown}"
+
+
+def _stop_training(message: str, *, rank: int, epoch_log, flush_seconds: float, mlflow_uri: str, run_id: str,
+                   attempt: str | None) -> None:  # fmt: skip
+    """Every rank ends its loop here on a non-finite loss, without a report: Ray Train sees a normal end (no
+    worker-group restart is spent on an error that would come back), and rank 0 tells the driver why through the run's
+    ``STOP_TAG``. The driver then marks the run FAILED and registers nothing. If rank 0 cannot tell it (MLflow
+    down), it raises instead: the job still fails with this message."""
+    log.error("rank %d: %s: stopping", rank, message)
+    if rank != 0:
+        return
+    epoch_log.close(flush_seconds)
+    try:
+        tracking.set_run_tags(mlflow_uri, run_id, {STOP_TAG: f"{attempt} {message}"})
+    except Exception as exc:  # noqa: BLE001 - any failure to record it: fail loudly instead
+        raise NonFiniteLossError(message) from exc
+
+
 def train_gan_loop(loop_config: dict) -> None:
     """Ray Train worker: DC-GAN with two DeepSpeed engines (generator and discriminator, each its own config)."""
     import ray.train
@@ -208,6 +262,12 @@ def train_gan_loop(loop_config: dict) -> None:
                 generator=step_rng, guidance=guidance, face_absent_real=face_absent_real[batch["index"]],
                 critic=critic, prepared=prepared,
             )  # fmt: skip
+            losses = {k: v for k, v in out.items() if k.startswith("loss")}
+            stop = non_finite_losses(losses, rank=rank, world=world, epoch=epoch, step=steps)
+            if stop is not None:
+                _stop_training(stop, rank=rank, epoch_log=epoch_log, flush_seconds=cfg.tracking.flush_seconds,
+                               mlflow_uri=mlflow_uri, run_id=run_id, attempt=loop_config.get("attempt"))  # fmt: skip
+                return
             prepared = prepare_fakes(gen, cfg.optim.batch_size, **ahead)
             for k, v in out.items():
                 sums[k] += v
@@ -527,13 +587,19 @@ def train_reid_loop(loop_config: dict) -> None:
                 )
                 total = total + cfg.loss.face_presence * face_loss
                 sums["face_presence_loss"] += face_loss.item()
+            losses = {"loss": loss.item(), "total_loss": total.item()}
+            stop = non_finite_losses(losses, rank=rank, world=world, epoch=epoch, step=step)
+            if stop is not None:  # before the update: a NaN gradient step would only spread it into the weights
+                _stop_training(stop, rank=rank, epoch_log=epoch_log, flush_seconds=cfg.tracking.flush_seconds,
+                               mlflow_uri=mlflow_uri, run_id=run_id, attempt=loop_config.get("attempt"))  # fmt: skip
+                return
             engine.backward(total)
             engine.step()
 
             with torch.no_grad():
                 real = ~generated
                 predicted = logits[:, : training.num_classes].argmax(1)
-                sums["loss"] += loss.item()
+                sums["loss"] += losses["loss"]
                 sums["correct"] += float((predicted[real] == labels[real]).sum())
                 sums["real"] += float(real.sum())
                 if generated.any():
