@@ -15,17 +15,17 @@ setup: $(STAMP)
 # Re-installs only when pyproject.toml changed (or the venv is missing): a no-op in well under a second otherwise.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,devstack]'
 	@touch $(STAMP)
 
 stack-up: setup
-	$(BIN)/python -m reid_core.stack up
+	$(BIN)/python -m devstack.stack up
 
 stack-down:
-	@test -x $(BIN)/python && $(BIN)/python -m reid_core.stack down || true
+	@test -x $(BIN)/python && $(BIN)/python -m devstack.stack down || true
 
 stack-status:
-	$(BIN)/python -m reid_core.stack status
+	$(BIN)/python -m devstack.stack status
 
 # The whole system on this machine: loopback S3 + MLflow (sqlite) + a Ray head; synthetic MSMT17 into S3; the GAN job
 # submitted to Ray exactly as on a cluster. The stack stays up afterwards: `mlflow ui` is at the printed address.
@@ -34,7 +34,7 @@ demo: stack-up
 	$(BIN)/python jobs/make_dataset.py --layout msmt17 --ids 60 --cameras 4 --images-per-id 12 \
 	    --out s3://$$REID_DATA_BUCKET/synthetic/msmt17 --overwrite && \
 	$(BIN)/ray job submit --address $$RAY_API_SERVER_ADDRESS --working-dir . \
-	    --runtime-env-json "$$($(BIN)/python -m reid_core.stack runtime-env)" \
+	    --runtime-env-json "$$($(BIN)/python -m devstack.stack runtime-env)" \
 	    -- python jobs/train_gan.py --config configs/demo.yaml --set run.name=gan-demo-$$(date +%Y%m%d-%H%M%S)
 	@echo "MLflow UI: $$(. .stack/env && echo $$MLFLOW_TRACKING_URI)   (store: .stack/mlflow.db, artifacts: .stack/mlartifacts)"
 

@@ -2,7 +2,7 @@
 
 The loopback S3 server (moto) answers a small GET in well under a millisecond, so on its own it cannot show what
 requests in flight buy against real S3 (tens of ms per GET). A small reverse proxy in front of it
-(``reid_core.proxy``, its own process on 127.0.0.1) adds ``--latency-ms`` (default 20) to every request; every source
+(``devstack.proxy``, its own process on 127.0.0.1) adds ``--latency-ms`` (default 20) to every request; every source
 is measured without and with it, on the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG):
 
   sequential   one ``storage.read_bytes`` per image, one after the other (what a naive Dataset does)
@@ -44,11 +44,11 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reid_demo.yaml"
 
 # ------------------------------------------------------------------------------------------------ latency proxy
 def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
-    from reid_core.stack import free_port
+    from devstack.stack import free_port
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reid_core.proxy", "--upstream", upstream, "--port", str(port),
+        [sys.executable, "-m", "devstack.proxy", "--upstream", upstream, "--port", str(port),
          "--latency-ms", str(latency_ms)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -157,12 +157,12 @@ def main() -> int:
 
     import torch
 
+    from devstack.stack import Ports, Stack
     from reid_core import storage
     from reid_core.config import ReidJobConfig, load_config
     from reid_core.data import read_layout
     from reid_core.data.shards import pack_tree, read_record_bytes
     from reid_core.data.synthetic import SyntheticSpec, write_layout
-    from reid_core.stack import Ports, Stack
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # a 1-CPU Ray Train worker: the loader and the step share one core

@@ -8,7 +8,7 @@ Every trial trains and evaluates one re-ID model (``pipeline.run_reid``): condit
 ``distractor_class`` (N+1 classes) or ``lsro``; recipe ``weak`` (the ``reid`` section) or ``strong`` (with the
 ``strong`` overrides); one seed (``run.seed``). All trials read the one distractor set ``reid.distractors.uri``.
 
-Output (``reid_core/ablation.py``), printed and in MLflow (experiment ``tracking.experiment``, one parent run named
+Output (``reid_core/workflows/ablation.py``), printed and in MLflow (experiment ``tracking.experiment``, one parent run named
 ``grid.name``, a child run per trial with the re-ID run nested under it): Rank-1, mAP and mINP as mean ± sd over the
 seeds per recipe and condition, and every distractor condition's paired difference against ``none`` on the same seeds,
 mean ± sd; the parent run gets ``results/ablation.md``, ``results/trials.csv`` and ``results/ablation.png``.
@@ -32,9 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from reid_core import ablation, pipeline, storage, tracking  # noqa: E402
+from reid_core import storage, tracking, viz  # noqa: E402
 from reid_core.config import ConfigError, flatten, load_config, to_dict  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.runtime import load_env_defaults  # noqa: E402
+from reid_core.workflows import ablation, pipeline  # noqa: E402
 
 log = logging.getLogger("ablation")
 
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from reid_core.stack import init_ray_for_job
-    from reid_core.train.tune import concurrent_trials
+    from reid_core.runtime import init_ray_for_job
+    from reid_core.workflows.search import concurrent_trials
 
     init_ray_for_job(use_gpu=cfg.reid.scaling.use_gpu)
     s = cfg.reid.scaling
@@ -165,7 +166,7 @@ def report(cfg, mlflow_uri: str, parent_id: str, rows: list[dict], summary: list
     tracking.log_text(mlflow_uri, parent_id, table + "\n", "results/ablation.md")
     if any(e["n"] for e in summary):
         with tempfile.TemporaryDirectory() as tmp:
-            path = ablation.ablation_png(summary, Path(tmp) / "ablation.png",
+            path = viz.ablation_png(summary, Path(tmp) / "ablation.png",
                                          title=f"{cfg.grid.name}: {cfg.reid.data.uri}, mean ± sd over seeds")  # fmt: skip
             tracking.log_artifact_file(mlflow_uri, parent_id, path, "results")
     metrics = {}

@@ -58,7 +58,7 @@ import yaml  # noqa: E402
 
 from reid_core import storage, tracking  # noqa: E402
 from reid_core.config import EVAL_METRICS, LAYOUTS  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.runtime import load_env_defaults  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -291,7 +291,7 @@ class FeatureWorker:
                  flip: bool, threads: int):  # fmt: skip
         import torch
 
-        from reid_core.train.evaluation import RegisteredFeatureModel
+        from reid_core.evaluation.features import RegisteredFeatureModel
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
@@ -308,11 +308,11 @@ class FeatureWorker:
 
     def features(self, index: int, records: list) -> tuple[int, np.ndarray, int]:
         """(index, (len(records), D) float32 L2-normalised features, faces found: Dual-Stream only, else -1)."""
-        from reid_core.train.evaluation import extract_features
+        from reid_core.evaluation.features import extract_features
 
         boxes, faces = None, -1
         if self.dual:
-            from reid_core.train.reid_data import face_boxes
+            from reid_core.data.training_set import face_boxes
 
             found = face_boxes(records, self.detector, settings=self.settings)
             boxes = {r: found[i] for i, r in enumerate(records)}
@@ -329,7 +329,7 @@ def extract_on_ray(records: list, *, args: argparse.Namespace, pre: dict) -> tup
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from reid_core.stack import init_ray_for_job
+    from reid_core.runtime import init_ray_for_job
 
     init_ray_for_job()
     chunks = [records[i : i + args.chunk_size] for i in range(0, len(records), args.chunk_size)]

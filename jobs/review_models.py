@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reid_core import tracking  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.runtime import load_env_defaults  # noqa: E402
 
 log = logging.getLogger("review_models")
 

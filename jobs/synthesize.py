@@ -53,7 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reid_core import storage, tracking  # noqa: E402
-from reid_core.distractors import (  # noqa: E402, F401 - the set's functions, also used from here by tests and users
+from reid_core.runtime import load_env_defaults  # noqa: E402
+from reid_core.workflows.distractors import (  # noqa: E402, F401 - the set's functions, also used from here by tests and users
     IMAGE_FORMATS,
     MANIFEST_FILE,
     METADATA_FILE,
@@ -71,7 +72,6 @@ from reid_core.distractors import (  # noqa: E402, F401 - the set's functions, a
     tanh_to_uint8,
     with_standing_batch_norm,
 )
-from reid_core.stack import load_env_defaults  # noqa: E402
 
 log = logging.getLogger("synthesize")
 

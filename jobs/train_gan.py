@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from reid_core import pipeline, storage, tracking  # noqa: E402
+from reid_core import storage, tracking  # noqa: E402
 from reid_core.config import ConfigError, GanJobConfig, load_config  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.runtime import load_env_defaults  # noqa: E402
+from reid_core.workflows import pipeline  # noqa: E402
 
 log = logging.getLogger("train_gan")
 

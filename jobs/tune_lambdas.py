@@ -37,9 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from reid_core import pipeline, storage, tracking  # noqa: E402
+from reid_core import storage, tracking  # noqa: E402
 from reid_core.config import ConfigError, TuneJobConfig, flatten, load_config, to_dict  # noqa: E402
-from reid_core.stack import load_env_defaults  # noqa: E402
+from reid_core.runtime import load_env_defaults  # noqa: E402
+from reid_core.workflows import pipeline  # noqa: E402
 
 log = logging.getLogger("tune_lambdas")
 
@@ -111,7 +112,7 @@ def preflight(cfg: TuneJobConfig, args: argparse.Namespace) -> dict:
     starts. The re-ID stage is checked without distractors (each trial makes its own set)."""
     from ray.tune import Tuner
 
-    from reid_core.train.tune import tune_storage
+    from reid_core.workflows.search import tune_storage
 
     if args.resume_errored and not args.resume:
         raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier search)")
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from reid_core.stack import init_ray_for_job
-    from reid_core.train import tune as search
+    from reid_core.runtime import init_ray_for_job
+    from reid_core.workflows import search
 
     init_ray_for_job(use_gpu=cfg.gan.scaling.use_gpu or cfg.reid.scaling.use_gpu)
     needs = search.trial_resources(cfg)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def close_unfinished_trials(mlflow_uri: str, experiment: str, search_name: str, rows: list[dict]) -> None:
     """Trials stopped early (ASHA) or failed leave their MLflow runs (child and stages) RUNNING: close them."""
-    from reid_core.train.tune import SEARCH_TAG, TRIAL_TAG
+    from reid_core.workflows.search import SEARCH_TAG, TRIAL_TAG
 
     for row in rows:
         if row["status"] == "complete":
@@ -219,7 +220,7 @@ def close_unfinished_trials(mlflow_uri: str, experiment: str, search_name: str, 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    from reid_core.train.tune import RESULT_COLUMNS
+    from reid_core.workflows.search import RESULT_COLUMNS
 
     def cell(value) -> str:
         if isinstance(value, float):
@@ -235,8 +236,8 @@ def report(cfg: TuneJobConfig, mlflow_uri: str, parent_id: str, rows: list[dict]
     """Results table (CSV, Markdown) and heat maps on the parent run; alias the best trial's re-ID model version."""
     import numpy as np
 
-    from reid_core.train.tune import RESULT_COLUMNS, best_row
     from reid_core.viz import lambda_heatmap_png
+    from reid_core.workflows.search import RESULT_COLUMNS, best_row
 
     s = cfg.search
     text = io.StringIO()

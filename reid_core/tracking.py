@@ -274,13 +274,13 @@ def log_and_register_pytorch_model(
     """Log ``model`` to the run as an MLflow PyTorch model with a signature (inferred from ``input_example``),
     register it as a new version of ``registered_model``, point ``alias`` at it (None: no alias); returns the version.
 
-    ``reid_core`` travels with the model (``code_paths``), so ``models:/NAME@alias`` loads wherever torch is installed.
+    The model is a ``torch.export`` archive (pt2): its graph and weights, no Python code. It carries no ``code_paths``
+    (neither ``reid_core`` nor the development stack), so ``models:/NAME@alias`` loads wherever torch is installed,
+    without this package (``tests/test_model_loading.py``).
     """
     import mlflow
     import mlflow.pytorch
     import torch
-
-    import reid_core
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -290,7 +290,6 @@ def log_and_register_pytorch_model(
             name=name,
             registered_model_name=registered_model,
             input_example=input_example,
-            code_paths=[str(Path(reid_core.__file__).parent)],
             serialization_format="pt2",  # torch.export: loads without unpickling (``load_pytorch_model``)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )

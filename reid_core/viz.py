@@ -287,6 +287,11 @@ def lambda_heatmap_png(
         ax.set_xlabel("λ2 (generated)")
         ax.set_ylabel("λ1 (real)")
         ax.set_title(f"{name} (%)")
+    return save_figure(fig, path, title=title)
+
+
+def save_figure(fig, path: str | os.PathLike, *, title: str = "") -> Path:
+    """Give a matplotlib ``Figure`` its title, lay it out and write it as a PNG at ``path`` (folders made)."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -294,3 +299,27 @@ def lambda_heatmap_png(
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, format="png")
     return p
+
+
+def ablation_png(summary: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Bar chart: Rank-1, mAP, mINP (%) per recipe and condition, mean with ± sd error bars."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not summary:
+        raise ValueError("ablation_png: nothing to plot")
+    fig = Figure(figsize=(10, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    labels = [f"{e['recipe']}\n{e['condition']}" for e in summary]
+    for k, (m, name) in enumerate(zip(("rank1", "mAP", "mINP"), ("Rank-1", "mAP", "mINP"), strict=True)):
+        ax = fig.add_subplot(1, 3, k + 1)
+        means = np.array([100 * e[f"{m}_mean"] for e in summary], dtype=float)
+        sds = np.nan_to_num(np.array([100 * e[f"{m}_sd"] for e in summary], dtype=float))
+        colors = ["#888888" if e["condition"] == "none" else "#2b7bba" if e["condition"] == "distractor_class"
+                  else "#e08a1e" for e in summary]  # fmt: skip
+        ax.bar(range(len(summary)), np.nan_to_num(means), yerr=sds, color=colors, capsize=3)
+        ax.set_xticks(range(len(summary)), labels, fontsize=7)
+        ax.set_title(f"{name} (%)")
+        ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path, title=title)

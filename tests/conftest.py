@@ -1,5 +1,5 @@
 """Shared fixtures: the embedded stack's real services on free loopback ports, started with the same code as
-``python -m reid_core.stack up`` and stopped by the session that started them."""
+``python -m devstack.stack up`` and stopped by the session that started them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from reid_core.stack import Ports, Stack
+from devstack.stack import Ports, Stack
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -45,8 +45,8 @@ def s3_url(s3_env, s3_server, request):
 
 @pytest.fixture
 def s3_proxy(s3_server):
-    """``reid_core.proxy.FaultProxy`` in front of ``s3_server``, for this test: S3 that a test can stop and throttle."""
-    from reid_core.proxy import FaultProxy
+    """``devstack.proxy.FaultProxy`` in front of ``s3_server``, for this test: S3 that a test can stop and throttle."""
+    from devstack.proxy import FaultProxy
 
     with FaultProxy(s3_server.s3_endpoint) as proxy:
         yield proxy
@@ -71,7 +71,7 @@ def single_process_group():
     ``destroy_process_group`` would reuse stale."""
     import torch.distributed as dist
 
-    from reid_core.stack import free_port
+    from devstack.stack import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from reid_core.ablation import (
+from reid_core.config import ConfigError, load_config
+from reid_core.viz import ablation_png
+from reid_core.workflows.ablation import (
     AblationJobConfig,
-    ablation_png,
     markdown_table,
     recipe_config,
     summarize,
     trial_config,
 )
-from reid_core.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("reid_core/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("bench/*.py")])
+SOURCES = sorted(
+    [*ROOT.glob("reid_core/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("devstack/*.py")]
+)
 
 MODEL_LOADS = re.compile(r"\bmlflow\.(?:pytorch|pyfunc|models)\.load_model\(|\bmlflow\.\w+\.load_model\(")
 DELETES = re.compile(
@@ -20,9 +22,9 @@ ALLOWED_MODEL_LOADS = {"reid_core/tracking.py": 1}  # tracking.load_pytorch_mode
 ALLOWED_DELETES = {
     "reid_core/storage.py": 2,  # delete_files: its definition and its fs.rm of exactly the URLs it is given
     "reid_core/tracking.py": 1,  # the model's code folder in load_pytorch_model's own temporary download
-    "reid_core/stack.py": 1,  # Stack.down: the stack's own state and env files
+    "devstack/stack.py": 1,  # Stack.down: the stack's own state and env files
     "jobs/pack_dataset.py": 1,  # the old pack's files, as shards.pack_files lists them
-    "reid_core/distractors.py": 1,  # the old set's files, as check_output accepts them
+    "reid_core/workflows/distractors.py": 1,  # the old set's files, as check_output accepts them
     "jobs/gpu_check.py": 1,  # its own previous gpu_check.json, the one name it writes
 }
 

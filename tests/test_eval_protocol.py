@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from reid_core.data import Record, read_layout
+from reid_core.data.training_set import MSMT17_PAPER_TRAIN_IMAGES, describe_training_split, face_boxes, head_region
+from reid_core.evaluation.features import FeatureModel, RegisteredFeatureModel, extract_features
 from reid_core.guidance.faces import FaceDetector
-from reid_core.train.evaluation import FeatureModel, RegisteredFeatureModel, extract_features
-from reid_core.train.reid_data import MSMT17_PAPER_TRAIN_IMAGES, describe_training_split, face_boxes, head_region
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reid_core.data import Record, ReIDDataset, build_transforms, read_layout
-from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
-from reid_core.models import build_model
-from reid_core.train.evaluation import (
+from reid_core.evaluation.features import (
     DualStreamFeatureModel,
     FeatureModel,
     RegisteredFeatureModel,
     extract_features,
 )
+from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
+from reid_core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (64, 32)

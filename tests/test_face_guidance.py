@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from reid_core import distractors
 from reid_core.guidance.faces import (
     PERSON_MIN_FACE_PX,
     PERSON_SCALE,
@@ -20,6 +19,7 @@ from reid_core.guidance.faces import (
     person_crop_settings,
 )
 from reid_core.train.loops import face_absent_table, gan_face_detector
+from reid_core.workflows import distractors
 
 # the astronaut's head crop (170 px square) shows her face, eyebrows to chin, over about 88 px
 HEAD_CROP = (slice(40, 210), slice(140, 310))

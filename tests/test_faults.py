@@ -1,7 +1,7 @@
 """Faults injected into running training jobs, end to end: the GAN job submitted with ``ray job submit`` to the real
 Ray head, reading its data from and checkpointing into the loopback S3, logging to the real MLflow server.
 
-The job reaches S3 and MLflow through ``reid_core.proxy`` (each a loopback reverse proxy in this process), which
+The job reaches S3 and MLflow through ``devstack.proxy`` (each a loopback reverse proxy in this process), which
 throttles, stops and restarts them, and stalls the job at known points, keyed on what the job does (its data reads,
 its checkpoint uploads), not on the clock:
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.proxy import Fail, FaultProxy, Hold, Outage
 from reid_core import storage
-from reid_core.proxy import Fail, FaultProxy, Hold, Outage
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from reid_core.pipeline import workers_that_fit
 from reid_core.train.loops import NonFiniteLossError, non_finite_losses
+from reid_core.workflows.pipeline import workers_that_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

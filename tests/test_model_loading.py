@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from devstack.stack import Ports, Stack
 from reid_core import tracking
 from reid_core.models import build_model
-from reid_core.stack import Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (64, 32)
@@ -140,3 +140,27 @@ def test_the_planted_model_does_run_code_through_mlflows_default_loader(planted,
         mlflow.pytorch.load_model(f"runs:/{planted['run_id']}/model")
     assert planted["marker"].read_text() == "unpickled"
     planted["marker"].unlink()
+
+
+def test_a_registered_model_loads_where_neither_devstack_nor_reid_core_can_be_imported(planted):
+    """A model registered by ``tracking.log_and_register_pytorch_model`` carries no code (no ``code`` folder): a
+    process in which ``devstack`` and ``reid_core`` cannot be imported loads it with MLflow's own loader, its pickle
+    check on, and runs it."""
+    import mlflow.artifacts
+
+    uri = f"models:/safe-gen-{planted['tag']}/1"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=planted["uri"]))
+    assert (local / "MLmodel").is_file() and not (local / "code").exists()
+    script = (
+        "import sys\n"
+        "sys.modules['devstack'] = None; sys.modules['reid_core'] = None  # any import of them raises\n"
+        "import mlflow, mlflow.pytorch, torch\n"
+        f"mlflow.set_tracking_uri({planted['uri']!r}); mlflow.set_registry_uri({planted['uri']!r})\n"
+        f"model = mlflow.pytorch.load_model({uri!r}, map_location='cpu')\n"
+        "out = model(torch.randn(3, 16))\n"
+        "print('shape', tuple(out.shape))\n"
+    )
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", script], cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"shape (3, 3, {IMAGE_SIZE[0]}, {IMAGE_SIZE[1]})" in proc.stdout

@@ -1,7 +1,7 @@
 """Multi-node on one machine: a Ray head and a second Ray node (separate `ray start` processes, 1 CPU each, token auth,
 the head's dashboard and job server on), the GAN job submitted with `ray job submit` to the head, one Ray Train worker
 per node (placement SPREAD), checkpoints on the loopback S3, and the second node killed (SIGKILL) mid-run: while
-``reid_core.proxy`` (between the job and S3) holds the job's data reads half-way through epoch 1, so that the kill
+``devstack.proxy`` (between the job and S3) holds the job's data reads half-way through epoch 1, so that the kill
 lands at a known point instead of racing the running job.
 
 How it recovers: Ray Train V2 (Ray 2.60) supports elastic training, ``ScalingConfig(num_workers=(min, max))`` (our
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.proxy import Hold
+from devstack.stack import Ports, Stack
 from reid_core.config import ConfigError, GanJobConfig, ScalingConfig, load_config
-from reid_core.proxy import Hold
-from reid_core.stack import Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,7 +83,7 @@ def test_scaling_overrides_reach_the_config():
 
 
 def test_add_ray_node_needs_a_head_and_a_short_name(tmp_path):
-    from reid_core.stack import StackError
+    from devstack.stack import StackError
 
     stack = Stack(root=tmp_path, ports=Ports.free(), services=("s3",))
     with pytest.raises(StackError, match="1-16 characters"):
@@ -118,7 +118,7 @@ def two_nodes(tmp_path_factory, s3_server):
 
 
 class HoldAfterFirstCheckpoint:
-    """A ``reid_core.proxy`` hook: once the run's first checkpoint is being uploaded, the job's data reads go on for
+    """A ``devstack.proxy`` hook: once the run's first checkpoint is being uploaded, the job's data reads go on for
     ``reads`` more GETs (into the next epoch), then every data read is held until ``release`` is set. The job then
     stands still, both workers alive, at a known point, while the test checks the placement and kills a node."""
 

@@ -1,5 +1,5 @@
 """Outages of S3 and MLflow, one piece at a time: ``storage``'s outage budget and ``tracking.EpochLogger`` against the
-real loopback S3 and MLflow servers, made to disappear by ``reid_core.proxy`` (the end-to-end versions, through a
+real loopback S3 and MLflow servers, made to disappear by ``devstack.proxy`` (the end-to-end versions, through a
 training job, are in ``test_faults.py``)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from devstack.proxy import Fail, FaultProxy
 from reid_core import storage, tracking
-from reid_core.proxy import Fail, FaultProxy
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ def test_a_training_failure_is_one_line_naming_the_failing_side_and_how_to_resum
     from ray.train import ControllerError, WorkerGroupError
 
     from reid_core.config import RunConfig
-    from reid_core.pipeline import training_failure
+    from reid_core.workflows.pipeline import training_failure
 
     run = RunConfig(name="gan-7", storage="s3://bkt/ray-results/", max_failures=2)
     settings = storage.S3Settings(endpoint_url="http://s3.internal:9000")

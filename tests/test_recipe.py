@@ -175,7 +175,7 @@ def test_invalid_recipe_options_fail_with_the_key_to_fix(overrides, message):
 
 
 def test_resnet50_is_registered_as_it_is_and_condensenet_converted():
-    from reid_core.pipeline import deploy_form
+    from reid_core.workflows.pipeline import deploy_form
 
     example = torch.randn(2, 3, 64, 32)
     resnet = build_model("resnet50", num_classes=3, feature_dim=8).eval()

@@ -15,15 +15,7 @@ from torch import nn
 
 from reid_core.config import ConfigError, ReidJobConfig, load_config
 from reid_core.data import Record
-from reid_core.train.evaluation import (
-    DualStreamFeatureModel,
-    FeatureModel,
-    classify_identities,
-    evaluate_splits,
-    extract_features,
-)
-from reid_core.train.loops import cosine_lr
-from reid_core.train.reid_data import (
+from reid_core.data.training_set import (
     DISTRACTOR_PID,
     DistractorSetError,
     FaceStreamDataset,
@@ -33,6 +25,14 @@ from reid_core.train.reid_data import (
     read_distractor_set,
     training_records,
 )
+from reid_core.evaluation.features import (
+    DualStreamFeatureModel,
+    FeatureModel,
+    classify_identities,
+    evaluate_splits,
+    extract_features,
+)
+from reid_core.train.loops import cosine_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.stack import Ports, Stack
 from reid_core import tracking
-from reid_core.stack import Ports, Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))

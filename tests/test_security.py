@@ -101,7 +101,7 @@ def test_no_code_of_ours_unpickles_files():
 DRIVER = """
 import os, sys, ray
 sys.path.insert(0, sys.argv[1])
-from reid_core.stack import init_ray_for_job
+from reid_core.runtime import init_ray_for_job
 
 init_ray_for_job()
 
@@ -180,6 +180,6 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
     leaks = sorted({(name, where) for where, blob in blobs.items() for name, value in planted.items()
                     if value.encode() in blob})  # fmt: skip
     assert not leaks, f"planted credentials found: {leaks}"
-    from reid_core.stack import SECRET_ENV
+    from reid_core.runtime import SECRET_ENV
 
     assert set(planted) <= set(SECRET_ENV)

@@ -9,7 +9,7 @@ import sys
 import psutil
 import pytest
 
-from reid_core.stack import Ports, Stack, StackError
+from devstack.stack import Ports, Stack, StackError
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -54,10 +54,10 @@ def test_stack_up_twice_then_down_leaves_nothing_behind(tmp_path):
         assert {n: r.pid for n, r in again.processes.items()} == pids
 
         # The CLI reads the same state.
-        cli = subprocess.run([sys.executable, "-m", "reid_core.stack", "status", "--root", str(tmp_path / "st")],
+        cli = subprocess.run([sys.executable, "-m", "devstack.stack", "status", "--root", str(tmp_path / "st")],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert cli.returncode == 0 and cli.stdout.count("answers") == 3, cli.stdout
-        rt = subprocess.run([sys.executable, "-m", "reid_core.stack", "runtime-env", "--root", str(tmp_path / "st")],
+        rt = subprocess.run([sys.executable, "-m", "devstack.stack", "runtime-env", "--root", str(tmp_path / "st")],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
         assert json.loads(rt.stdout)["env_vars"]["DS_ACCELERATOR"] == "cpu"
     finally:
@@ -84,7 +84,7 @@ def test_a_service_that_fails_to_start_is_named_with_its_log(tmp_path):
 def test_free_ports_are_distinct():
     """Each stack's ports are chosen together: a Ray head once got one port for two of its components and refused
     to start."""
-    from reid_core.stack import free_ports
+    from devstack.stack import free_ports
 
     for _ in range(50):
         ports = list(vars(Ports.free()).values())

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
+from devstack.stack import Ports, Stack
 from reid_core import storage
-from reid_core.stack import Ports, Stack
 
 
 def test_roundtrip_and_listing_on_s3(s3_url):

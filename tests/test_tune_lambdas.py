@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from reid_core.config import TuneJobConfig, load_config
-from reid_core.train import tune as search
 from reid_core.viz import lambda_heatmap_png
+from reid_core.workflows import search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def interrupted_search(services_stack, s3_server):
     """A 2×2 smoke search whose driver is killed (SIGKILL) after its first trial finished, then resumed (the slow
     tests below share it: ~5 min of CPU on an idle 2-core machine)."""
     from reid_core import tracking
-    from reid_core.train.tune import SEARCH_TAG
+    from reid_core.workflows.search import SEARCH_TAG
 
     env = {**services_stack.full_env, "DS_ACCELERATOR": "cpu"}
     tag = uuid.uuid4().hex[:6]
@@ -243,7 +243,7 @@ def interrupted_search(services_stack, s3_server):
 @pytest.mark.slow
 def test_resume_keeps_the_finished_trial_and_completes_the_rest(interrupted_search):
     from reid_core import tracking
-    from reid_core.train.tune import SEARCH_TAG, TRIAL_TAG
+    from reid_core.workflows.search import SEARCH_TAG, TRIAL_TAG
 
     s = interrupted_search
     assert "=== tune_lambdas summary ===" in s.resumed.stdout
@@ -266,7 +266,7 @@ def test_search_lands_in_mlflow_as_parent_and_child_runs(interrupted_search):
     from mlflow.tracking import MlflowClient
 
     from reid_core import tracking
-    from reid_core.train.tune import SEARCH_TAG
+    from reid_core.workflows.search import SEARCH_TAG
 
     s = interrupted_search
     client = MlflowClient(tracking_uri=s.uri, registry_uri=s.uri)

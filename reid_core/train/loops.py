@@ -433,12 +433,7 @@ def train_reid_loop(loop_config: dict) -> None:
     from torch.utils.data import DataLoader
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
-    from reid_core.losses import batch_hard_triplet, reid_loss
-    from reid_core.models import build_model
-    from reid_core.models.condense import group_lasso_loss, learned_group_convs
-    from reid_core.train.checkpoint import restore_engines, save_engines
-    from reid_core.train.deepspeed import deepspeed_config, dist_backend
-    from reid_core.train.reid_data import (
+    from reid_core.data.training_set import (
         FaceStreamDataset,
         MixedBatchSampler,
         all_face_boxes,
@@ -447,6 +442,11 @@ def train_reid_loop(loop_config: dict) -> None:
         read_distractor_set,
         training_records,
     )
+    from reid_core.losses import batch_hard_triplet, reid_loss
+    from reid_core.models import build_model
+    from reid_core.models.condense import group_lasso_loss, learned_group_convs
+    from reid_core.train.checkpoint import restore_engines, save_engines
+    from reid_core.train.deepspeed import deepspeed_config, dist_backend
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -656,12 +656,12 @@ def _validation(cfg, splits, dual: bool, device):
     """
     import copy
 
-    from reid_core.train.evaluation import evaluate_splits
+    from reid_core.evaluation.features import evaluate_splits
 
     face_boxes = None
     if dual:
+        from reid_core.data.training_set import face_boxes as find_face_boxes
         from reid_core.guidance.faces import FaceDetector
-        from reid_core.train.reid_data import face_boxes as find_face_boxes
 
         records = list(dict.fromkeys(splits.query + splits.gallery))
         with FaceDetector.for_person_crops(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:

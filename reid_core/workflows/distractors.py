@@ -2,7 +2,7 @@
 
 The set's format, its determinism and its MLflow record are documented in ``jobs/synthesize.py`` (the job that runs
 this module) and docs/distractors.md. ``preflight`` checks a ``SynthesisSpec`` before any work; ``run_synthesis``
-writes the set and records it in an MLflow run. ``jobs/synthesize.py`` and the λ search (``reid_core/train/tune.py``)
+writes the set and records it in an MLflow run. ``jobs/synthesize.py`` and the λ search (``reid_core/workflows/search.py``)
 both call them.
 """
 
@@ -464,7 +464,7 @@ def _run_on_ray(generator: nn.Module, chunks: list[tuple[int, int]], workers: in
     """Every chunk a Ray task (1 CPU), at most ``workers`` in flight (0 = the cluster's CPUs)."""
     import ray
 
-    from reid_core.stack import init_ray_for_job
+    from reid_core.runtime import init_ray_for_job
 
     if not ray.is_initialized():  # a job driver starts Ray; a Tune trial runs inside it already
         init_ray_for_job()

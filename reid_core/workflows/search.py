@@ -26,8 +26,9 @@ import math
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from reid_core import distractors, pipeline, storage, tracking
+from reid_core import storage, tracking
 from reid_core.config import TuneJobConfig, from_dict
+from reid_core.workflows import distractors, pipeline
 
 log = logging.getLogger(__name__)
 

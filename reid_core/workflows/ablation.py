@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from reid_core.config import (
@@ -189,36 +187,6 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ablation_png(summary: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Bar chart: Rank-1, mAP, mINP (%) per recipe and condition, mean with ± sd error bars."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not summary:
-        raise ValueError("ablation_png: nothing to plot")
-    fig = Figure(figsize=(10, 3.4), dpi=100)
-    FigureCanvasAgg(fig)
-    labels = [f"{e['recipe']}\n{e['condition']}" for e in summary]
-    for k, (m, name) in enumerate(zip(METRICS, ("Rank-1", "mAP", "mINP"), strict=True)):
-        ax = fig.add_subplot(1, 3, k + 1)
-        means = np.array([100 * e[f"{m}_mean"] for e in summary], dtype=float)
-        sds = np.nan_to_num(np.array([100 * e[f"{m}_sd"] for e in summary], dtype=float))
-        colors = ["#888888" if e["condition"] == "none" else "#2b7bba" if e["condition"] == "distractor_class"
-                  else "#e08a1e" for e in summary]  # fmt: skip
-        ax.bar(range(len(summary)), np.nan_to_num(means), yerr=sds, color=colors, capsize=3)
-        ax.set_xticks(range(len(summary)), labels, fontsize=7)
-        ax.set_title(f"{name} (%)")
-        ax.grid(True, axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png")
-    return p
-
-
 # ------------------------------------------------------------------------------------------------ the trial
 def ablation_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str) -> None:
     """Tune trial: one re-ID training + evaluation for ``config`` {"condition", "recipe", "seed"}; reports
@@ -226,7 +194,8 @@ def ablation_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: s
     (tags) and skips a training it finished; one cut short resumes from its Ray Train checkpoint (same run name)."""
     from ray import tune
 
-    from reid_core import pipeline, tracking
+    from reid_core import tracking
+    from reid_core.workflows import pipeline
 
     cfg = from_dict(AblationJobConfig, job)
     trial_id = tune.get_context().get_trial_id()

@@ -1,10 +1,10 @@
 """The embedded default: a loopback S3 server, an MLflow server and a local Ray head on one machine.
 
-    python -m reid_core.stack up [--root .stack]      # start what is not running, wait until each answers
-    python -m reid_core.stack status                  # what runs, where, and whether it answers
-    python -m reid_core.stack down                    # stop exactly the processes `up` started (by PID)
-    python -m reid_core.stack env                     # the KEY=VALUE lines of .stack/env
-    python -m reid_core.stack runtime-env             # JSON for `ray job submit --runtime-env-json`
+    python -m devstack.stack up [--root .stack]      # start what is not running, wait until each answers
+    python -m devstack.stack status                  # what runs, where, and whether it answers
+    python -m devstack.stack down                    # stop exactly the processes `up` started (by PID)
+    python -m devstack.stack env                     # the KEY=VALUE lines of .stack/env
+    python -m devstack.stack runtime-env             # JSON for `ray job submit --runtime-env-json`
 
 Everything binds to 127.0.0.1 (a non-loopback host is refused). State lives under the root folder (default
 ``.stack/``): ``state.json`` (PIDs, start times, ports), ``env`` (the endpoints, sourced by the Makefile and read by
@@ -34,6 +34,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from reid_core.runtime import FORWARDED_ENV, SECRET_ENV, load_env_defaults  # noqa: F401 - re-used here
 
 log = logging.getLogger(__name__)
 
@@ -490,57 +492,6 @@ class Stack:
         return next((n for n in nodes if n["state"] == "ALIVE" and n.get("labels", {}).get("stack-node") == name), None)
 
 
-def load_env_defaults(root: str | os.PathLike = ".stack") -> dict[str, str]:
-    """Put the embedded stack's endpoints (``<root>/env``) into ``os.environ`` where nothing is set yet.
-
-    Jobs call this first: a user's own settings (or a cluster's) always win; without a stack it does nothing.
-    Returns what it set.
-    """
-    from reid_core.storage import read_env_file
-
-    applied = {k: v for k, v in read_env_file(Path(root) / "env").items() if k not in os.environ}
-    os.environ.update(applied)
-    return applied
-
-
-# What Ray workers need from a job driver's environment to reach the same S3 and MLflow (names only: the values come
-# from the driver's environment). Endpoints and settings only, never a credential: a runtime env is stored in Ray's
-# job table (the dashboard's /api/jobs/ shows it to anyone with the token) and logged by the runtime-env agent.
-# Workers take credentials from their own process environment: on a cluster the node's role or the cluster's secret
-# store (cluster/), on the embedded stack the Ray head's environment, which the stack sets (``Stack._ray_env``); a
-# local Ray started by ``ray.init`` inherits the driver's environment.
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
-    "TORCH_EXTENSIONS_DIR",
-    # Train V2's placement-group cleaner asks the state API for the cluster: with several Ray instances on one machine
-    # (tests, CI) it must be told which one, or it fails ("Found multiple active Ray instances").
-    "RAY_ADDRESS",
-)  # fmt: skip
-
-
-# Never in a runtime env or a job's description: kept out of ``FORWARDED_ENV`` and ``Stack.runtime_env``.
-SECRET_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "RAY_AUTH_TOKEN",
-)  # fmt: skip
-assert not set(SECRET_ENV) & set(FORWARDED_ENV)
-
-
-def init_ray_for_job(*, use_gpu: bool = False) -> None:
-    """``ray.init`` for a job driver: under ``ray job submit`` the job's runtime env already reaches the workers (and
-    Ray refuses a second one); run directly, the driver forwards ``FORWARDED_ENV`` (and the CPU accelerator for
-    DeepSpeed) to the workers it starts or joins."""
-    import ray
-
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        ray.init()
-        return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    ray.init(runtime_env={"env_vars": env})
-
-
 RAY_NODE_PREFIX = "ray-node-"  # process names of the extra Ray nodes (add_ray_node) in state.json
 
 RUNTIME_ENV_EXCLUDES = [
@@ -611,7 +562,7 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reid_core.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devstack.stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env", "runtime-env"])
     parser.add_argument("--root", default=".stack", help="state folder (default .stack)")
     parser.add_argument("--host", default=LOOPBACK, help="bind address; loopback only")
@@ -642,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(s["answers"] for s in status.values()) else 1
         elif args.command in ("env", "runtime-env"):
             if not stack._load_state():
-                print(f"no stack under {stack.root}: run `python -m reid_core.stack up`", file=sys.stderr)
+                print(f"no stack under {stack.root}: run `python -m devstack.stack up`", file=sys.stderr)
                 return 1
             if args.command == "env":
                 print("".join(f"{k}={v}\n" for k, v in stack.env().items()), end="")

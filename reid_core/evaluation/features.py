@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 
 from reid_core import storage
 from reid_core.data import Record, ReIDDataset, build_transforms
+from reid_core.data.training_set import DISTRACTOR_PID, Box, FaceStreamDataset
 from reid_core.metrics import ClassificationResult, RankResult, classification_metrics, evaluate_rank
-from reid_core.train.reid_data import DISTRACTOR_PID, Box, FaceStreamDataset
 
 log = logging.getLogger(__name__)
 

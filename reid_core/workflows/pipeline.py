@@ -4,8 +4,8 @@
 ``ConfigError`` / ``StorageError`` / ``TrackingError`` / ``ValueError`` naming what to fix, before Ray starts; the
 last check joins Ray to see that the cluster can hold the workers at all), then
 ``run_gan`` / ``run_reid`` (MLflow run, ``TorchTrainer.fit``, registration) and print a summary. The λ search
-(``reid_core/train/tune.py``) calls the same functions inside each Tune trial; the distractor synthesis between them
-is ``reid_core.distractors``.
+(``reid_core/workflows/search.py``) calls the same functions inside each Tune trial; the distractor synthesis between them
+is ``reid_core.workflows.distractors``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _ensure_ray(use_gpu: bool) -> None:
     """A job driver starts (or joins) Ray here; inside a Tune trial Ray is already up and is used as it is."""
     import ray
 
-    from reid_core.stack import init_ray_for_job
+    from reid_core.runtime import init_ray_for_job
 
     if not ray.is_initialized():
         init_ray_for_job(use_gpu=use_gpu)
@@ -253,7 +253,7 @@ def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoi
 def preflight_reid(cfg: ReidJobConfig) -> dict:
     """Check the dataset, the distractor set, checkpoint storage and MLflow before Ray starts."""
     from reid_core.data import RandomIdentitySampler, read_layout
-    from reid_core.train.reid_data import (
+    from reid_core.data.training_set import (
         distractors_per_batch,
         limit_training,
         read_distractor_set,
@@ -430,7 +430,7 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     """Convert, check, evaluate, count, log, register and export the final model. Returns what the summary prints."""
     import torch
 
-    from reid_core.train.evaluation import (
+    from reid_core.evaluation.features import (
         DualStreamFeatureModel,
         FeatureModel,
         classify_identities,
@@ -445,8 +445,8 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     face_boxes = None
     if dual:
+        from reid_core.data.training_set import face_boxes as find_face_boxes
         from reid_core.guidance.faces import FaceDetector
-        from reid_core.train.reid_data import face_boxes as find_face_boxes
 
         records = list(dict.fromkeys(splits.query + splits.gallery))
         with FaceDetector.for_person_crops(workers=None) as detector:

@@ -2,7 +2,7 @@
 
 The fault-injection tests (``tests/test_faults.py``) put one in front of the S3 server and one in front of MLflow and
 hand the proxies' addresses to the job; ``bench/data_throughput.py`` runs one as its own process
-(``python -m reid_core.proxy --upstream URL --port N --latency-ms 20``) to give the loopback S3 a network's latency.
+(``python -m devstack.proxy --upstream URL --port N --latency-ms 20``) to give the loopback S3 a network's latency.
 
 To the client the proxy *is* the service:
 
@@ -80,7 +80,7 @@ class FaultProxy:
     docstring for the faults. Use as a context manager, or ``start()`` / ``stop()``."""
 
     def __init__(self, upstream: str, *, port: int | None = None, latency_ms: float = 0.0) -> None:
-        from reid_core.stack import free_port
+        from devstack.stack import free_port
 
         self.upstream = upstream.rstrip("/")
         self.port = port or free_port()
@@ -245,7 +245,7 @@ class FaultProxy:
             self._record(method, path, f"failed {fault.status}")
             body = (
                 '<?xml version="1.0" encoding="UTF-8"?>\n'
-                f"<Error><Code>{fault.code}</Code><Message>injected by reid_core.proxy</Message>"
+                f"<Error><Code>{fault.code}</Code><Message>injected by devstack.proxy</Message>"
                 "<RequestId>fault-proxy</RequestId></Error>"
             )
             return web.Response(status=fault.status, body=body.encode(), content_type="application/xml")
