@@ -50,9 +50,12 @@ assert not set(SECRET_ENV) & set(FORWARDED_ENV)
 def init_ray_for_job(*, use_gpu: bool = False) -> None:
     """``ray.init`` for a job driver: under ``ray job submit`` the job's runtime env already reaches the workers (and
     Ray refuses a second one); run directly, the driver forwards ``FORWARDED_ENV`` (and the CPU accelerator for
-    DeepSpeed) to the workers it starts or joins."""
+    DeepSpeed) to the workers it starts or joins. A no-op when this process has joined Ray already (a preflight's
+    resource check, or an earlier stage of the same job, did it the same way)."""
     import ray
 
+    if ray.is_initialized():
+        return
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
         ray.init()
         return
