@@ -28,6 +28,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class Sizes:
 
 
 GPU = Sizes(
-    (128, 128), 64, 8, "condensenet74", (256, 128), 16 * 4 + 32, 1041, 256, 11659, 82161, 512, 60, 20
+    (128, 128), 64, 8, "condensenet74", (256, 128), 16 * 4 + 32, 1041, 256, 11659, 82161, 512, 200, 20
 )  # gan_batch: configs/gan.yaml, 8 per GPU x 8 = 64
 DRY = Sizes((64, 32), 8, 4, "condensenet_tiny", (64, 32), 8, 10, 8, 200, 1000, 32, 8, 2)
 
@@ -172,7 +173,7 @@ def gan_section(s: Sizes, device, *, use_gpu: bool, precision: str, cpus: int) -
         ahead["next"] = prepare_fakes(gen, s.gan_batch, device=device, **kwargs)
 
     unguided = images_per_second(step, s.gan_batch, steps=s.steps, device=device)
-    with FaceDetector(workers=cpus, resize_to=None) as detector:
+    with FaceDetector.for_person_crops(workers=cpus) as detector:  # the one Δ setting, as train_gan_loop
         guided = images_per_second(lambda: step(detector.submit), s.gan_batch, steps=s.steps, device=device)
     return {"zero_stage": 2, "precision": precision, "image_size": list(s.gan_size), "batch": s.gan_batch,
             "width": s.gan_width, "unguided_images_per_s": unguided, "guided_images_per_s": guided,
@@ -239,6 +240,7 @@ def loader_section(s: Sizes, *, cpus: int, workers: int, dry: bool) -> dict:
     from reid_core import storage
     from reid_core.data import ReIDDataset, build_transforms, read_layout
     from reid_core.data.synthetic import SyntheticSpec, write_layout
+    from reid_core.train.loops import loader_kwargs
 
     out = {"workers": workers, "cpus": cpus}
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,22 +252,31 @@ def loader_section(s: Sizes, *, cpus: int, workers: int, dry: bool) -> dict:
         records = read_layout(root, "msmt17").train
         for h, w in ((256, 128), (128, 128)):
             dataset = ReIDDataset(records, build_transforms(h, w, train=True), decode_size=(h, w))
-            # per core: decode + augment in this process, one thread
-            t0, c0 = time.perf_counter(), time.process_time()
-            n = min(len(records), 64 if dry else 400)
-            for i in range(n):
-                dataset[i]
-            out[f"decode_augment_{h}x{w}_images_per_s_per_core"] = n / max(time.process_time() - c0, 1e-9)
-            out[f"decode_augment_{h}x{w}_wall_images_per_s"] = n / (time.perf_counter() - t0)
-            kwargs = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
-            if workers:
-                kwargs.update(multiprocessing_context="forkserver", prefetch_factor=4)
-            loader = DataLoader(dataset, batch_size=8 if dry else 32, shuffle=True, drop_last=True, **kwargs)
+            # per core: decode + augment in this process on one thread (as in a loader worker, which torch limits
+            # to one intra-op thread); torch's other threads would otherwise spin and blur the figure
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                t0, c0 = time.perf_counter(), time.process_time()
+                n = min(len(records), 64 if dry else 400)
+                for i in range(n):
+                    dataset[i]
+                out[f"decode_augment_{h}x{w}_images_per_s_per_core"] = n / max(time.process_time() - c0, 1e-9)
+                out[f"decode_augment_{h}x{w}_wall_images_per_s"] = n / (time.perf_counter() - t0)
+            finally:
+                torch.set_num_threads(threads)
+            # the training loops' loader settings (forkserver workers kept across epochs, 4 batches ahead, pinned
+            # memory on GPUs); the first epoch starts the workers and is not timed
+            loader = DataLoader(dataset, batch_size=8 if dry else 32, shuffle=True, drop_last=True,
+                                **loader_kwargs(workers, use_gpu=torch.cuda.is_available()))  # fmt: skip
+            for _batch in loader:
+                pass
             seen, t0 = 0, time.perf_counter()
-            for _epoch in range(1 if dry else 2):
+            for _epoch in range(1 if dry else 3):
                 for batch in loader:
                     seen += len(batch["pid"])
             out[f"loader_{h}x{w}_images_per_s"] = seen / (time.perf_counter() - t0)
+            del loader
     return out
 
 
@@ -296,6 +307,13 @@ def eval_section(s: Sizes, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the Ray worker
+def trained_model(results: dict) -> torch.nn.Module:
+    """The model that the reid_train section trained (the inference section converts it)."""
+    if "_model" not in results:
+        raise RuntimeError("no trained CondenseNet to convert: the reid_train section failed")
+    return results.pop("_model")
+
+
 def check_loop(config: dict) -> None:
     """The Ray Train worker: every section in turn; the results go to ``config["out"]`` as JSON."""
     import deepspeed
@@ -314,7 +332,7 @@ def check_loop(config: dict) -> None:
     for name, fn in (
         ("gan", lambda: gan_section(s, device, use_gpu=use_gpu, precision=precision, cpus=cpus)),
         ("reid_train", lambda: reid_section(s, device, use_gpu=use_gpu, precision=precision)),
-        ("inference", lambda: inference_section(s, results.pop("_model"), device, use_gpu=use_gpu)),
+        ("inference", lambda: inference_section(s, trained_model(results), device, use_gpu=use_gpu)),
         ("loader", lambda: loader_section(s, cpus=cpus, workers=config["loader_workers"], dry=dry)),
         ("evaluation", lambda: eval_section(s, device)),
     ):
@@ -325,8 +343,14 @@ def check_loop(config: dict) -> None:
                 value, results["_model"] = value
             results[name] = value
         except Exception as err:  # one failing section must not hide the others' figures
-            results[name] = {"error": f"{type(err).__name__}: {err}"}
+            where = traceback.extract_tb(err.__traceback__)[-3:]
+            results[name] = {"error": f"{type(err).__name__}: {err}",
+                             "where": " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(where))}  # fmt: skip
         timings[name] = time.perf_counter() - t0
+        print(f"gpu-check: section {name} done in {timings[name]:.1f} s", flush=True)
+        # written after every section, so that a node that hangs or is stopped mid-check still leaves its figures
+        partial = {k: v for k, v in results.items() if k != "_model"}
+        Path(config["out"]).write_text(json.dumps({**partial, "section_seconds": timings}, indent=2))
     results.pop("_model", None)
     results["section_seconds"] = timings
     Path(config["out"]).write_text(json.dumps(results, indent=2))

@@ -62,3 +62,41 @@ def test_bf16_autocast_keeps_fp32_weights_and_runs_the_forward_in_bf16(single_pr
     engine.step()
     assert engine.module.weight.dtype == torch.float32
     assert not torch.equal(engine.module.weight, before)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "zero_stage", "shape"),
+    [
+        ("dcgan_generator", {"z_dim": 100, "width": 8, "image_size": (64, 32)}, 2, (4, 100)),
+        ("dcgan_discriminator", {"width": 8, "image_size": (64, 32)}, 2, (4, 3, 64, 32)),
+        ("condensenet_tiny", {"num_classes": 5, "feature_dim": 16}, 1, (4, 3, 64, 32)),
+    ],
+)
+def test_bf16_engines_cast_batchnorm_buffers_with_the_parameters(single_process_group, name, kwargs, zero_stage, shape):
+    """precision bf16 (the GPU recipes): DeepSpeed casts only parameters unless told otherwise, and CUDA's batch norm
+    refuses fp32 running statistics beside a bf16 input. That failed both training steps of `make gpu-check` on an
+    H200; this CPU test pins the contract that broke: every floating buffer is bf16 with the parameters, and a
+    training step runs in bf16."""
+    import deepspeed
+    import torch
+
+    from reid_core.models import build_model
+
+    cfg = deepspeed_config(micro_batch_size=4, world_size=1, use_gpu=False, precision="bf16", zero_stage=zero_stage)
+    assert cfg["data_types"] == {"buffer_dtype": "bf16"}
+    assert "data_types" not in deepspeed_config(
+        micro_batch_size=4, world_size=1, use_gpu=False, precision="bf16_autocast"
+    )
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)  # a ZeRO-supported torch optimizer, as on the CPU
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    floating = [(n, b.dtype) for n, b in engine.module.named_buffers() if b.is_floating_point()]
+    assert floating and all(d == torch.bfloat16 for _, d in floating), floating
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    out = engine(torch.randn(*shape).bfloat16())
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    engine.backward(out.float().pow(2).mean())
+    engine.step()

@@ -44,6 +44,11 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # progress goes to MLflow, not to DeepSpeed's stdout
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        # DeepSpeed (0.19) casts only the parameters to bf16 and keeps buffers at their loaded dtype; BatchNorm's
+        # running statistics must match its bf16 input on CUDA ("Expected running_mean to have type BFloat16"; found by
+        # `make gpu-check` on an H200), so the buffers are cast too, as module.bfloat16() did.
+        cfg["data_types"] = {"buffer_dtype": "bf16"}
     if precision == "bf16_autocast":
         # fp32 weights, gradients and optimizer; the engine's forward runs under torch.autocast(bfloat16), which
         # computes DeepSpeed's default "lower-precision-safe" modules (Linear, Conv) in bf16.
