@@ -26,23 +26,15 @@ not) fails in one line ``error: ...`` with exit code 2 before Ray starts.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import io
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from reid_core import storage, tracking  # noqa: E402
-from reid_core.config import ConfigError, TuneJobConfig, flatten, load_config, to_dict  # noqa: E402
+from reid_core.config import ConfigError, TuneJobConfig, load_config  # noqa: E402
 from reid_core.runtime import load_env_defaults  # noqa: E402
-from reid_core.workflows import pipeline  # noqa: E402
-
-log = logging.getLogger("tune_lambdas")
 
 # A 2×2 grid of the whole chain, 1 worker per stage, 1 GAN epoch and 2 re-ID epochs (validated after each): minutes.
 SMOKE_TEST = [
@@ -89,103 +81,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def absolute_locations(cfg: TuneJobConfig) -> TuneJobConfig:
-    """Local folders made absolute: Tune runs each trial in its own working directory."""
-
-    def fix(url):
-        return url if url is None or storage.is_s3(url) else os.path.abspath(url)
-
-    gan, reid, search, synth = cfg.gan, cfg.reid, cfg.search, cfg.synthesis
-    return dataclasses.replace(
-        cfg,
-        search=dataclasses.replace(search, storage=fix(search.storage)),
-        synthesis=dataclasses.replace(synth, out=fix(synth.out)),
-        gan=dataclasses.replace(gan, data=dataclasses.replace(gan.data, uri=fix(gan.data.uri)),
-                                run=dataclasses.replace(gan.run, storage=fix(gan.run.storage))),
-        reid=dataclasses.replace(reid, data=dataclasses.replace(reid.data, uri=fix(reid.data.uri)),
-                                 run=dataclasses.replace(reid.run, storage=fix(reid.run.storage))),
-    )  # fmt: skip
-
-
-def preflight(cfg: TuneJobConfig, args: argparse.Namespace) -> dict:
-    """Check both training stages' data, storage and MLflow, the synthesis output and the search's state before Ray
-    starts. The re-ID stage is checked without distractors (each trial makes its own set)."""
-    from ray.tune import Tuner
-
-    from reid_core.workflows.search import tune_storage
-
-    if args.resume_errored and not args.resume:
-        raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier search)")
-    s = cfg.search
-    first = dataclasses.replace(cfg.gan.guidance, lambda1=s.lambda1[0], lambda2=s.lambda2[0], mode=s.guidance_modes[0])
-    mlflow_uri, _ = pipeline.preflight_gan(dataclasses.replace(cfg.gan, guidance=first))
-    reid = dataclasses.replace(cfg.reid, distractors=dataclasses.replace(cfg.reid.distractors, uri=None))
-    pipeline.preflight_reid(reid)
-    settings = storage.resolve_settings(cfg.gan.storage.endpoint_url, cfg.gan.storage.region)
-    storage.check_location(cfg.synthesis.out, settings)
-    storage.check_location(s.storage, settings)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri or mlflow_uri)
-    tracking.check_server(uri)
-    _, fs, experiment_path = tune_storage(cfg, settings)
-    exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    where = storage.join(s.storage, s.name)
-    if args.resume and not exists:
-        raise ConfigError(f"--resume: no search {s.name!r} to resume at {where} (search.name / search.storage)")
-    if not args.resume and exists:
-        raise ConfigError(f"search.name: a search {s.name!r} already exists at {where}: pass --resume to continue it, "
-                          "or choose another search.name")  # fmt: skip
-    return {"mlflow_uri": uri, "settings": settings}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_env_defaults()
     try:
         cfg = load_config(TuneJobConfig, args.config, (SMOKE_TEST if args.smoke_test else []) + args.set)
-        cfg = absolute_locations(cfg)
-        pre = preflight(cfg, args)
+        from reid_core.workflows import search  # Ray Tune's imports: once the config is known to be good
+
+        cfg = search.absolute_locations(cfg)
+        pre = search.preflight(cfg, resume=args.resume, resume_errored=args.resume_errored)
     except (ConfigError, storage.StorageError, tracking.TrackingError, ValueError) as exc:
         # One line that says what to fix; nothing has started yet.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Logging starts after the checks, so that a refused input is exactly one line on stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    mlflow_uri, settings = pre["mlflow_uri"], pre["settings"]
-
-    import ray
-
-    from reid_core.runtime import init_ray_for_job
-    from reid_core.workflows import search
-
-    init_ray_for_job(use_gpu=cfg.gan.scaling.use_gpu or cfg.reid.scaling.use_gpu)
-    needs = search.trial_resources(cfg)
-    cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
-    concurrent = cfg.search.max_concurrent_trials or search.concurrent_trials(cluster, needs)
-    log.info("each trial needs %s at its peak; the cluster has %s: %d trial(s) at a time", needs,
-             {k: cluster.get(k, 0) for k in needs}, concurrent)  # fmt: skip
-
+    out = search.run_search(cfg, pre, resume=args.resume, resume_errored=args.resume_errored)
+    mlflow_uri, parent_id, rows, best, concurrent = (pre["mlflow_uri"], out["parent_id"], out["rows"], out["best"],
+                                                     out["concurrent"])  # fmt: skip
     s, experiment = cfg.search, cfg.tracking.experiment
-    parent = tracking.find_runs(mlflow_uri, experiment, {search.SEARCH_TAG: s.name, "tune.role": "search"})
-    if args.resume and parent:
-        parent_id = parent[0]["run_id"]
-        tracking.reopen_run(mlflow_uri, parent_id)
-        log.info("resuming search %r: MLflow run %s", s.name, parent_id)
-    else:
-        params = {**flatten(to_dict(cfg)), "max_concurrent_trials_used": concurrent}
-        parent_id = tracking.start_run(mlflow_uri, experiment, s.name, params,
-                                       tags={"job": "tune_lambdas", search.SEARCH_TAG: s.name, "tune.role": "search",
-                                             "search.mode": s.mode, "objective": s.objective})  # fmt: skip
-    tuner = search.build_tuner(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_id, max_concurrent=concurrent,
-                               settings=settings, restore=args.resume, resume_errored=args.resume_errored)  # fmt: skip
-    try:
-        results = tuner.fit()
-        rows = search.result_rows(results)
-        close_unfinished_trials(mlflow_uri, experiment, s.name, rows)
-        best = report(cfg, mlflow_uri, parent_id, rows)
-    except BaseException:
-        tracking.set_terminated(mlflow_uri, parent_id, "FAILED")
-        raise
-    tracking.set_terminated(mlflow_uri, parent_id, "FINISHED")
 
     art = tracking.artifact_uri(mlflow_uri, parent_id)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("complete", "stopped early", "error")}
@@ -194,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + f"; {concurrent} at a time)")  # fmt: skip
     print(f"MLflow run:        {parent_id} ({mlflow_uri}, experiment {experiment!r}); a child run per trial")
     print(f"results:           {art}/results/ (trials.csv, trials.md, heat maps)")
-    print(markdown_table(rows))
+    print(search.markdown_table(rows))
     if best is None:
         print("best trial:        none completed the chain: nothing aliased")
         return 1
@@ -204,77 +118,6 @@ def main(argv: list[str] | None = None) -> int:
           f"(alias @{cfg.tracking.alias}); review: python jobs/review_models.py list")  # fmt: skip
     print(f"search state:      {storage.join(s.storage, s.name)} (--resume continues it)")
     return 0
-
-
-def close_unfinished_trials(mlflow_uri: str, experiment: str, search_name: str, rows: list[dict]) -> None:
-    """Trials stopped early (ASHA) or failed leave their MLflow runs (child and stages) RUNNING: close them."""
-    from reid_core.workflows.search import SEARCH_TAG, TRIAL_TAG
-
-    for row in rows:
-        if row["status"] == "complete":
-            continue
-        status = "KILLED" if row["status"] == "stopped early" else "FAILED"
-        for run in tracking.find_runs(mlflow_uri, experiment, {SEARCH_TAG: search_name, TRIAL_TAG: row["trial_id"]}):
-            if run["status"] == "RUNNING":
-                tracking.set_terminated(mlflow_uri, run["run_id"], status)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    from reid_core.workflows.search import RESULT_COLUMNS
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}" if value == value else "–"
-        return "–" if value is None else str(value)
-
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in RESULT_COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def report(cfg: TuneJobConfig, mlflow_uri: str, parent_id: str, rows: list[dict]) -> dict | None:
-    """Results table (CSV, Markdown) and heat maps on the parent run; alias the best trial's re-ID model version."""
-    import numpy as np
-
-    from reid_core.viz import lambda_heatmap_png
-    from reid_core.workflows.search import RESULT_COLUMNS, best_row
-
-    s = cfg.search
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tracking.log_text(mlflow_uri, parent_id, text.getvalue(), "results/trials.csv")
-    tracking.log_text(mlflow_uri, parent_id, markdown_table(rows) + "\n", "results/trials.md")
-    if s.mode == "grid":
-        l1, l2 = sorted(set(s.lambda1)), sorted(set(s.lambda2))
-        with tempfile.TemporaryDirectory() as tmp:
-            for mode in s.guidance_modes:
-                grids = {}
-                for key, title in (("mAP", "mAP"), ("rank1", "Rank-1")):
-                    cells = np.full((len(l1), len(l2)), np.nan)
-                    for i, a in enumerate(l1):
-                        for j, b in enumerate(l2):
-                            values = [r[key] for r in rows if r["status"] == "complete" and r["guidance_mode"] == mode
-                                      and r["lambda1"] == a and r["lambda2"] == b]  # fmt: skip
-                            cells[i, j] = float(np.mean(values)) if values else np.nan  # mean over repeats
-                    grids[title] = cells
-                path = lambda_heatmap_png(grids, l1, l2, Path(tmp) / f"heatmap_{mode}.png",
-                                          title=f"{s.name}: guidance {mode}, {cfg.reid.data.uri}")  # fmt: skip
-                tracking.log_artifact_file(mlflow_uri, parent_id, path, "results")
-    best = best_row(rows, s.objective)
-    if best is not None:
-        model = cfg.reid.tracking.registered_model
-        tracking.set_model_alias(mlflow_uri, model, cfg.tracking.alias, best["reid_version"])
-        tracking.set_run_tags(mlflow_uri, parent_id, {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
-                                                      "best.lambda1": best["lambda1"], "best.lambda2": best["lambda2"],
-                                                      "best.guidance_mode": best["guidance_mode"],
-                                                      "best.model": f"models:/{model}/{best['reid_version']}"})  # fmt: skip
-        tracking.set_run_tags(mlflow_uri, best["run_id"], {"tune.best": "true"})
-        tracking.log_metrics(mlflow_uri, parent_id, {f"best_{k}": best[k] for k in ("rank1", "mAP", "mINP")}, step=0)
-    tracking.log_metrics(mlflow_uri, parent_id, {"trials_complete": sum(r["status"] == "complete" for r in rows),
-                                                 "trials": len(rows)}, step=0)  # fmt: skip
-    return best
 
 
 if __name__ == "__main__":

@@ -107,3 +107,36 @@ def test_the_method_and_the_architecture_are_documented_in_the_repository():
         text = (ROOT / name).read_text()
         missing = [word for word in must_mention if word not in text]
         assert not missing, f"{name} does not mention {missing}"
+
+
+# Files that still import a job in process; each is to call a workflow instead (issue #14, "thin jobs").
+JOB_IMPORTS_NOT_YET_MOVED = {"tests/test_gpu_check.py"}
+
+
+def test_nothing_imports_a_job():
+    """A job is argparse, the summary and one workflow call: its logic lives in ``reid_core/workflows``, which tests
+    call directly. Tests may run a job (a subprocess, ``ray job submit``, ``runpy`` as ``__main__``), never import it:
+    no ``jobs/`` on ``sys.path``, no job file loaded as a module, no ``import <job>``."""
+    jobs = {path.stem for path in ROOT.glob("jobs/*.py")}
+    offenders = []
+    sources = [*ROOT.glob("reid_core/**/*.py"), *ROOT.glob("jobs/*.py"), *ROOT.glob("devstack/*.py"),
+               *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]  # fmt: skip
+    for path in sorted(sources):
+        rel = path.relative_to(ROOT).as_posix()
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text, filename=str(path))):
+            if isinstance(node, ast.Import):
+                named = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                named = [node.module.split(".")[0]]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                call = ast.get_source_segment(text, node) or ""
+                loads = node.func.attr in ("spec_from_file_location", "import_module")
+                extends = node.func.attr in ("insert", "append") and call.startswith("sys.path.")
+                named = ["jobs"] if (loads or extends) and re.search(r"\bjobs\b", call) else []
+            else:
+                continue
+            if set(named) & (jobs | {"jobs"}):
+                offenders.append(f"{rel}:{node.lineno}: {ast.get_source_segment(text, node)}")
+    left = [o for o in offenders if o.split(":")[0] not in JOB_IMPORTS_NOT_YET_MOVED]
+    assert not left, "\n".join(left)

@@ -1,11 +1,10 @@
-"""jobs/evaluate.py: the pure parts (subsets, input shapes, names), the registered-model adapter, the job's one-line
-preflight errors, and end to end against real S3, MLflow and Ray: the metrics in MLflow equal ``evaluate_rank`` (and
-re-ranked) on features computed in this process from the same model, the pictures exist, the version is tagged and
-``review_models.py`` gates on the tags."""
+"""jobs/evaluate.py and its workflow (reid_core/workflows/evaluate.py): the pure parts (subsets, input shapes, names),
+the registered-model adapter, the job's one-line preflight errors, and end to end against real S3, MLflow and Ray: the
+metrics in MLflow equal ``evaluate_rank`` (and re-ranked) on features computed in this process from the same model,
+the pictures exist, the version is tagged and ``review_models.py`` gates on the tags."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -28,19 +27,10 @@ from reid_core.evaluation.features import (
 )
 from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
 from reid_core.models import build_model
+from reid_core.workflows import evaluate as workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (64, 32)
-
-
-def _load_job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
 
 
 def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -80,12 +70,12 @@ def records(pids_cams: list[tuple[int, int]], prefix: str) -> list[Record]:
 def test_limit_splits_is_deterministic_and_keeps_the_queries_identities():
     query = records([(p, 0) for p in range(10)], "q")
     gallery = records([(p % 20, 1) for p in range(40)], "g")
-    q, g = job.limit_splits(query, gallery, 4, 6)
+    q, g = workflow.limit_splits(query, gallery, 4, 6)
     assert [r.pid for r in q] == [0, 3, 6, 9]  # evenly spaced, first and last kept
     assert [r.path for r in g] == ["/g/0.jpg", "/g/3.jpg", "/g/6.jpg", "/g/9.jpg", "/g/20.jpg", "/g/23.jpg"]
-    assert job.limit_splits(query, gallery, 4, 6) == (q, g)
-    assert job.limit_splits(query, gallery, None, None) == (query, gallery)  # no limit: untouched
-    q2, g2 = job.limit_splits(query, gallery, 2, 30)
+    assert workflow.limit_splits(query, gallery, 4, 6) == (q, g)
+    assert workflow.limit_splits(query, gallery, None, None) == (query, gallery)  # no limit: untouched
+    q2, g2 = workflow.limit_splits(query, gallery, 2, 30)
     assert len(g2) == 30 and {0, 9} <= {r.pid for r in g2}
     assert [r.path for r in g2] == sorted((r.path for r in g2), key=lambda p: int(p.split("/")[-1][:-4]))
 
@@ -93,7 +83,7 @@ def test_limit_splits_is_deterministic_and_keeps_the_queries_identities():
 def test_count_answerable_follows_the_protocol():
     query = records([(1, 0), (2, 0), (3, 0)], "q")
     gallery = records([(1, 0), (1, 1), (2, 0), (4, 1)], "g")
-    assert job.count_answerable(query, gallery) == 1  # id 2: only its own camera; id 3: absent
+    assert workflow.count_answerable(query, gallery) == 1  # id 2: only its own camera; id 3: absent
 
 
 @pytest.mark.parametrize(
@@ -107,7 +97,7 @@ def test_count_answerable_follows_the_protocol():
     ],
 )
 def test_model_input_reads_the_signature(shape, image_size, expected):
-    assert job.model_input(shape, image_size, "models:/m/1") == expected
+    assert workflow.model_input(shape, image_size, "models:/m/1") == expected
 
 
 @pytest.mark.parametrize(
@@ -123,19 +113,19 @@ def test_model_input_reads_the_signature(shape, image_size, expected):
 )
 def test_model_input_refuses_what_does_not_fit(shape, image_size, message):
     with pytest.raises(ValueError, match=message):
-        job.model_input(shape, image_size, "models:/m/1")
+        workflow.model_input(shape, image_size, "models:/m/1")
 
 
 def test_names_and_options():
-    assert job.dataset_short_name("s3://b/x/MSMT17_V1/") == "msmt17_v1"
-    assert job.dataset_short_name("/data/Market-1501 v15") == "market-1501_v15"
-    assert job.dataset_short_name("s3://b/x", "flima-s13") == "flima-s13"
-    assert job.parse_layout_options(["test_session=s13", "queries_per_camera=2"]) == {
+    assert workflow.dataset_short_name("s3://b/x/MSMT17_V1/") == "msmt17_v1"
+    assert workflow.dataset_short_name("/data/Market-1501 v15") == "market-1501_v15"
+    assert workflow.dataset_short_name("s3://b/x", "flima-s13") == "flima-s13"
+    assert workflow.parse_layout_options(["test_session=s13", "queries_per_camera=2"]) == {
         "test_session": "s13",
         "queries_per_camera": 2,
     }
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
-        job.parse_layout_options(["test_session"])
+        workflow.parse_layout_options(["test_session"])
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
@@ -254,7 +244,7 @@ def test_job_evaluates_on_ray_logs_and_tags(services_stack, s3_server, registere
         monkeypatch.setenv(key, value)
     settings = storage.resolve_settings(env["AWS_ENDPOINT_URL"])
     splits = read_layout(data, "msmt17")
-    query, gallery = job.limit_splits(splits.query, splits.gallery, 6, 20)
+    query, gallery = workflow.limit_splits(splits.query, splits.gallery, 6, 20)
     assert len(query) == 6 < len(splits.query) and len(gallery) == 20 < len(splits.gallery)
     assert "done: 26/26 images" in proc.stderr  # progress: a line per chunk (4 chunks of ≤ 8)
     model = RegisteredFeatureModel(registered["model"])

@@ -181,27 +181,22 @@ def run_script(job: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, cwd=ROOT / "tests", env=env)  # fmt: skip
 
 
-def test_smoke_test_does_not_override_explicit_arguments():
-    """`synthesize --num-images 0 --smoke-test` wrote 64 images and exited 0 (issue #15 item 9b): the smoke test's
-    sizes are now defaults that explicit arguments override, in every job that has one."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import evaluate
-    import synthesize
-
-    args = synthesize.parse_args(["--model", "models:/g@candidate", "--out", "o", "--num-images", "5", "--smoke-test"])
-    assert (args.num_images, args.batch_size, args.chunk_size) == (5, 16, 32)
-    args = synthesize.parse_args(["--model", "models:/g@candidate", "--out", "o", "--smoke-test"])
-    assert args.num_images == synthesize.SMOKE_TEST["num_images"]
-    args = evaluate.parse_args(["--model", "models:/r@champion", "--data", "d", "--smoke-test", "--max-queries", "40",
-                                "--batch-size", "4"])  # fmt: skip
-    assert (args.max_queries, args.batch_size, args.max_gallery) == (40, 4, evaluate.SMOKE_TEST["max_gallery"])
-
-
 @pytest.mark.parametrize(
     ("job", "args", "message"),
     [
+        # `synthesize --num-images 0 --smoke-test` wrote 64 images and exited 0 (issue #15 item 9b): the smoke test's
+        # sizes are now defaults that explicit arguments override, in every job that has one.
         ("synthesize.py", ["--model", "models:/g@candidate", "--out", "{tmp}/d", "--num-images", "0", "--smoke-test",
                            "--tracking-uri", "http://127.0.0.1:9"], "--num-images must be ≥ 1; got 0"),
+        # the explicit --batch-size wins, the smoke test's --chunk-size 32 still applies
+        ("synthesize.py", ["--model", "models:/g@candidate", "--out", "{tmp}/d", "--batch-size", "5", "--smoke-test",
+                           "--tracking-uri", "http://127.0.0.1:9"],
+         "--chunk-size must be a positive multiple of --batch-size (5) so that batches start at the same indices "
+         "whatever the number of workers; got 32"),
+        ("evaluate.py", ["--model", "models:/r@champion", "--data", "{tmp}/d", "--smoke-test", "--max-queries", "0",
+                         "--tracking-uri", "http://127.0.0.1:9"], "--max-queries must be ≥ 1; got 0"),
+        ("evaluate.py", ["--model", "models:/r@champion", "--data", "{tmp}/d", "--smoke-test", "--batch-size", "0",
+                         "--tracking-uri", "http://127.0.0.1:9"], "--batch-size must be ≥ 1; got 0"),
         ("make_dataset.py", ["--out", "{tmp}/m", "--smoke-test", "--ids", "0"], "at least 2 identities"),
         ("make_dataset.py", ["--out", "{tmp}/m", "--face-share", "nan"], "face_share nan is outside [0, 1]"),
         ("pack_dataset.py", ["--src", "{tmp}/s", "--layout", "msmt17", "--out", "{tmp}/p", "--shard-mb", "nan"],

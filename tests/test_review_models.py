@@ -1,5 +1,6 @@
-"""jobs/review_models.py against a real MLflow server (sqlite registry): list, compare, the promotion gate, errors
-(as a subprocess: exit 2 and one line) and the report."""
+"""jobs/review_models.py and its workflow (reid_core/workflows/registry_review.py) against a real MLflow server
+(sqlite registry): list, compare, the promotion gate, errors (the job as a subprocess: exit 2 and one line) and the
+report."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ import pytest
 
 from devstack.stack import Ports, Stack
 from reid_core import tracking
+from reid_core.workflows import registry_review
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
 
-import review_models  # noqa: E402
 
 DATA_A = "s3://reid-test/synthetic/msmt17"
 DATA_B = "s3://reid-test/synthetic/market1501"
@@ -87,6 +87,11 @@ def job(uri: str, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)  # fmt: skip
 
 
+def review(uri: str, command: str, **options):
+    """The workflow call ``jobs/review_models.py COMMAND`` makes (the job itself runs as a subprocess: ``job``)."""
+    return getattr(registry_review, f"command_{command}")(uri, tracking.client(uri), **options)
+
+
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -94,9 +99,8 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_list_shows_versions_metrics_lambdas_dataset_and_aliases(mlflow_server, reid_model, gan_model, capsys):
-    assert review_models.main(["--tracking-uri", mlflow_server, "list"]) == 0
-    out = capsys.readouterr().out
+def test_list_shows_versions_metrics_lambdas_dataset_and_aliases(mlflow_server, reid_model, gan_model):
+    out = review(mlflow_server, "list")
     assert f"== {reid_model} (4 versions)" in out and f"== {gan_model} (1 versions)" in out
     reid_block = out.split(f"== {reid_model}")[1].split("==")[0]
     header, rule, *rows = reid_block.strip().splitlines()[1:]
@@ -110,14 +114,12 @@ def test_list_shows_versions_metrics_lambdas_dataset_and_aliases(mlflow_server, 
     gan_block = out.split(f"== {gan_model}")[1]
     assert "face_rate" in gan_block and "loss_g" in gan_block and "0.2500" in gan_block and "@candidate" in gan_block
 
-    assert review_models.main(["--tracking-uri", mlflow_server, "list", "--name", gan_model]) == 0
-    out = capsys.readouterr().out
+    out = review(mlflow_server, "list", name=gan_model)
     assert gan_model in out and reid_model not in out and "paper" in out
 
 
-def test_compare_puts_metrics_side_by_side_with_picture_links(mlflow_server, reid_model, capsys):
-    assert review_models.main(["--tracking-uri", mlflow_server, "compare", reid_model, "1", "2"]) == 0
-    out = capsys.readouterr().out
+def test_compare_puts_metrics_side_by_side_with_picture_links(mlflow_server, reid_model):
+    out = review(mlflow_server, "compare", name=reid_model, first="1", second="2")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
     assert rows["mAP"] == ["0.5000", "0.6000", "0.1000"]
     assert rows["rank1"] == ["0.7000", "0.8000", "0.1000"]
@@ -130,30 +132,27 @@ def test_compare_puts_metrics_side_by_side_with_picture_links(mlflow_server, rei
     assert "pictures of v1" in out and "(none logged)" in out
 
 
-def test_promotion_gate(mlflow_server, reid_model, gan_model, capsys):
+def test_promotion_gate(mlflow_server, reid_model, gan_model):
     c = tracking.client(mlflow_server)
-    base = ["--tracking-uri", mlflow_server, "promote", reid_model]
     # No champion yet: the first promotion sets the bar.
-    assert review_models.main([*base, "2", "--reason", "best so far"]) == 0
+    assert "v2 is now @champion" in review(mlflow_server, "promote", name=reid_model, version="2", reason="best so far")
     assert c.get_model_version_by_alias(reid_model, "champion").version == "2"
     tags = c.get_model_version(reid_model, "2").tags
     assert tags["champion.reason"] == "best so far" and tags["champion.previous"] == "none"
     assert tags["champion.promoted_by"] and tags["champion.promoted_at"].startswith("20")
-    capsys.readouterr()
 
     # Worse on the same dataset: refused, as a subprocess, in one line; the alias does not move.
     line = one_error_line(job(mlflow_server, "promote", reid_model, "3"))
     assert "refused" in line and "0.4000 < 0.6000" in line and "--force" in line
     assert c.get_model_version_by_alias(reid_model, "champion").version == "2"
     # Better on another dataset: not comparable, refused.
-    assert review_models.main([*base, "4"]) == 2
-    assert "not comparable" in capsys.readouterr().err
+    with pytest.raises(registry_review.ReviewError, match="not comparable"):
+        review(mlflow_server, "promote", name=reid_model, version="4")
     # A model whose versions lack the gate's metric: refused with a pointer to what it has, unless another metric.
-    assert review_models.main(["--tracking-uri", mlflow_server, "promote", gan_model, "1"]) == 2
-    err = capsys.readouterr().err
-    assert "no metric 'mAP'" in err and "face_rate" in err
-    assert review_models.main(["--tracking-uri", mlflow_server, "promote", gan_model, "candidate", "--metric",
-                               "face_rate"]) == 0  # fmt: skip
+    with pytest.raises(registry_review.ReviewError) as refused:
+        review(mlflow_server, "promote", name=gan_model, version="1")
+    assert "no metric 'mAP'" in str(refused.value) and "face_rate" in str(refused.value)
+    review(mlflow_server, "promote", name=gan_model, version="candidate", metric="face_rate")
     assert c.get_model_version_by_alias(gan_model, "champion").version == "1"
 
     # Better on the same dataset: accepted (subprocess happy path).
@@ -166,8 +165,9 @@ def test_promotion_gate(mlflow_server, reid_model, gan_model, capsys):
     assert c.get_model_version(reid_model, version_5).tags["champion.previous"] == "v2"
 
     # --force overrides the gate and says so in the tags.
-    assert review_models.main([*base, "3", "--force", "--reason", "rollback test"]) == 0
-    assert "FORCED" in capsys.readouterr().out
+    assert "FORCED" in review(
+        mlflow_server, "promote", name=reid_model, version="3", force=True, reason="rollback test"
+    )
     assert c.get_model_version_by_alias(reid_model, "champion").version == "3"
     tags = c.get_model_version(reid_model, "3").tags
     assert tags["champion.forced"] == "true" and tags["champion.reason"] == "rollback test"
@@ -185,10 +185,10 @@ def test_unknown_model_version_and_alias_fail_in_one_line_naming_what_exists(mlf
     assert "registered models:" in line
 
 
-def test_report_markdown_and_html_are_logged_to_mlflow(mlflow_server, reid_model, gan_model, tmp_path, capsys):
+def test_report_markdown_and_html_are_logged_to_mlflow(mlflow_server, reid_model, gan_model, tmp_path):
     md = tmp_path / "review.md"
-    assert review_models.main(["--tracking-uri", mlflow_server, "report", "--out", str(md)]) == 0
-    run_id = capsys.readouterr().out.split("MLflow run ")[1].split()[0].rstrip(",")
+    written, run_id = review(mlflow_server, "report", out=str(md))
+    assert written == str(md)
     text = md.read_text()
     assert f"## {reid_model}" in text and f"## {gan_model}" in text
     assert "| version | aliases | created | dataset | λ1 | λ2 | mode |" in text
@@ -200,8 +200,7 @@ def test_report_markdown_and_html_are_logged_to_mlflow(mlflow_server, reid_model
     assert Path(c.download_artifacts(run_id, "review.md", str(tmp_path / "dl"))).read_text() == text
 
     page = tmp_path / "review.html"
-    assert review_models.main(["--tracking-uri", mlflow_server, "report", "--name", reid_model, "--out",
-                               str(page)]) == 0  # fmt: skip
+    review(mlflow_server, "report", name=reid_model, out=str(page))
     html = page.read_text()
     assert html.startswith("<!doctype html>") and reid_model in html and gan_model not in html
     assert html.count("src='data:image/png;base64,") == 1  # the one picture, inlined: the page stands alone
@@ -219,14 +218,13 @@ def test_promotion_gate_refuses_non_finite_values_on_either_side(mlflow_server):
     line = one_error_line(job(mlflow_server, "promote", name, nan, "--metric", "loss_g"))
     assert f"v{nan} has loss_g = nan, not a finite number" in line
     assert not c.get_registered_model(name).aliases
-    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, good, "--metric", "loss_g"]) == 0
+    review(mlflow_server, "promote", name=name, version=good, metric="loss_g")
     for version, shown in ((nan, "nan"), (inf, "inf")):
         line = one_error_line(job(mlflow_server, "promote", name, version, "--metric", "loss_g"))
         assert f"loss_g = {shown}, not a finite number" in line, line
         assert c.get_model_version_by_alias(name, "champion").version == good
     # A NaN champion (forced in) blocks the gate instead of letting anything pass on a false comparison.
-    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, nan, "--metric", "loss_g",
-                               "--force"]) == 0  # fmt: skip
+    review(mlflow_server, "promote", name=name, version=nan, metric="loss_g", force=True)
     line = one_error_line(job(mlflow_server, "promote", name, good, "--metric", "loss_g"))
     assert f"@champion v{nan} has loss_g = nan, not a finite number: the gate cannot compare" in line
     assert c.get_model_version_by_alias(name, "champion").version == nan
@@ -245,8 +243,7 @@ def test_promotion_gate_compares_where_each_metric_was_measured(mlflow_server):
     for version, value in ((first, 0.3), (second, 0.35)):
         tracking.set_model_version_tags(mlflow_server, name, version, {"eval.flima.mAP": value,
                                                                        "eval.flima.data.uri": evaluated})  # fmt: skip
-    assert review_models.main(["--tracking-uri", mlflow_server, "promote", name, first, "--metric",
-                               "eval.flima.mAP"]) == 0  # fmt: skip
+    review(mlflow_server, "promote", name=name, version=first, metric="eval.flima.mAP")
     proc = job(mlflow_server, "promote", name, second, "--metric", "eval.flima.mAP")
     assert proc.returncode == 0, proc.stderr
     assert f"0.3500 > 0.3000 of @champion v{first}, both evaluated on {evaluated}" in proc.stdout

@@ -26,9 +26,26 @@ from reid_core.data.shards import (
     read_record_bytes,
 )
 from reid_core.data.synthetic import SyntheticSpec, write_layout
+from reid_core.workflows import packing
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
-import pack_dataset  # noqa: E402
+
+def pack(*, src: str, out: str, layout: str = "msmt17", **options) -> dict:
+    """What ``jobs/pack_dataset.py`` runs after parsing its options: the checks, the pack, its read-back. Returns the
+    pack's index; the checks' one-line errors are ``ValueError`` / ``StorageError`` (the job prints them, exit 2)."""
+    spec = packing.PackSpec(src=src, layout=layout, out=out, **options)
+    splits, stale = packing.check_inputs(spec)
+    index, _ = packing.write_pack(spec, splits, stale)
+    packing.check_pack(spec, splits)
+    return index
+
+
+def refused(**arguments) -> str:
+    """The one-line error of ``pack(**arguments)``, which must refuse before writing anything."""
+    with pytest.raises((ValueError, storage.StorageError)) as error:
+        pack(**arguments)
+    assert len(str(error.value).splitlines()) == 1, str(error.value)
+    return str(error.value)
+
 
 SPEC = SyntheticSpec(ids=6, cameras=3, images_per_id=8, sessions=2, seed=5)
 SHARD_BYTES = 64 * 1024  # tiny shards: several per dataset
@@ -178,28 +195,25 @@ def test_pack_dataset_job_smoke_test(s3_url):
     assert len(read_pack(out).index["shards"]) >= 3
 
 
-def test_pack_dataset_job_input_errors_in_one_line(s3_url, capsys):
+def test_pack_dataset_job_input_errors_in_one_line(s3_url):
     src, out = f"{s3_url}/src", f"{s3_url}/packed"
     synthetic(src, "msmt17")
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "0.1"]) == 0
-    capsys.readouterr()
+    pack(src=src, out=out, shard_mb=0.1)
 
-    def error(*args: str) -> str:
-        assert pack_dataset.main(list(args)) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), lines
-        return lines[0]
+    # The job: exit 2, exactly one error line.
+    proc = subprocess.run([sys.executable, "jobs/pack_dataset.py", "--src", src, "--layout", "msmt17", "--out", out],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is not empty; pass --overwrite" in lines[0], lines
 
-    assert "is not empty; pass --overwrite" in error("--src", src, "--layout", "msmt17", "--out", out)
-    assert "is already a pack" in error("--src", out, "--layout", "msmt17", "--out", f"{s3_url}/again")
-    assert "lies inside --src" in error("--src", src, "--layout", "msmt17", "--out", f"{src}/pack")
-    assert "is not a flima tree" in error("--src", src, "--layout", "flima", "--out", f"{s3_url}/f")
-    assert "S3 bucket does not exist: 'no-such-bucket'" in error("--src", src, "--layout", "msmt17", "--out",
-                                                                 "s3://no-such-bucket/p")  # fmt: skip
-    assert "--shard-mb 0.0: expected a positive size" in error("--src", src, "--layout", "msmt17", "--out", out,
-                                                               "--shard-mb", "0")  # fmt: skip
+    assert "is already a pack" in refused(src=out, out=f"{s3_url}/again")
+    assert "lies inside --src" in refused(src=src, out=f"{src}/pack")
+    assert "is not a flima tree" in refused(src=src, layout="flima", out=f"{s3_url}/f")
+    assert "S3 bucket does not exist: 'no-such-bucket'" in refused(src=src, out="s3://no-such-bucket/p")
+    assert "--shard-mb 0.0: expected a positive size" in refused(src=src, out=out, shard_mb=0.0)
     assert len(read_pack(out).index["shards"]) >= 3
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite", "--shard-mb", "1"]) == 0
+    pack(src=src, out=out, overwrite=True, shard_mb=1.0)
     assert len(read_pack(out).index["shards"]) == 1
     assert [u for u in storage.list_files(out) if "shards/" in u] == [f"{out}/shards/shard-00000.tar"]
 
@@ -266,44 +280,41 @@ def base(request, tmp_path):
 
 
 def test_overwrite_deletes_only_the_files_the_old_pack_index_lists(base, caplog):
-    caplog.set_level("INFO", logger="pack_dataset")
+    caplog.set_level("INFO", logger=packing.__name__)
     src, out = f"{base}/src", f"{base}/packed"
     synthetic(src, "msmt17")
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "0.05"]) == 0
+    pack(src=src, out=out, shard_mb=0.05)
     old_shards = [storage.join(out, s["name"]) for s in read_pack(out).index["shards"]]
     assert len(old_shards) >= 3
     neighbours = [f"{out}/shards-backup/shard-00001.tar", f"{out}/shards_notes.md", f"{out}/shards/shard-notes.txt",
                   f"{out}/shards/shard-00099.tar", f"{out}-old/pack.json", f"{base}/packed.md"]  # fmt: skip
     storage.write_many({u: b"not the pack's" for u in neighbours})
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite", "--shard-mb", "1"]) == 0
+    pack(src=src, out=out, overwrite=True, shard_mb=1.0)
     assert f"deleting the old pack at {out} ({len(old_shards) + 1} objects)" in caplog.text
     assert [s["name"] for s in read_pack(out).index["shards"]] == ["shards/shard-00000.tar"]
     assert all(storage.read_bytes(u) == b"not the pack's" for u in neighbours)  # every neighbour is still there
     assert not any(storage.exists(u) for u in old_shards[1:])  # the old pack's other shards are gone
 
 
-def test_overwrite_refuses_a_target_that_holds_no_pack_and_deletes_nothing(base, capsys):
+def test_overwrite_refuses_a_target_that_holds_no_pack_and_deletes_nothing(base):
     src, out = f"{base}/src", f"{base}/dataset"
     synthetic(src, "msmt17")
     synthetic(out, "msmt17")  # a real dataset, not a pack
     before = storage.list_files(out)
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and f"refusing to overwrite {out}: {out} is not a finished pack: no pack.json" in lines[0]
+    assert f"refusing to overwrite {out}: {out} is not a finished pack: no pack.json" in refused(src=src, out=out,
+                                                                                              overwrite=True)  # fmt: skip
     assert storage.list_files(out) == before
 
 
-def test_overwrite_refuses_an_index_that_names_files_a_pack_job_does_not_write(base, capsys):
+def test_overwrite_refuses_an_index_that_names_files_a_pack_job_does_not_write(base):
     src, out = f"{base}/src", f"{base}/packed"
     synthetic(src, "msmt17")
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--shard-mb", "1"]) == 0
+    pack(src=src, out=out, shard_mb=1.0)
     index = read_pack(out).index
     index["shards"][0]["name"] = "../victim.txt"
     storage.write_bytes(f"{out}/pack.json", json.dumps(index).encode())
     storage.write_bytes(f"{base}/victim.txt", b"keep")
-    capsys.readouterr()
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out, "--overwrite"]) == 2
-    err = capsys.readouterr().err
+    err = refused(src=src, out=out, overwrite=True)
     assert "shard name '../victim.txt' is not one that jobs/pack_dataset.py writes" in err, err
     assert storage.read_bytes(f"{base}/victim.txt") == b"keep"
 
@@ -320,21 +331,18 @@ def test_overwrite_refuses_an_index_that_names_files_a_pack_job_does_not_write(b
         ("{base}/src", "{base}/a/..", "lies inside --out"),
     ],
 )
-def test_locations_are_normalised_before_the_containment_checks(base, capsys, src, out, expected):
+def test_locations_are_normalised_before_the_containment_checks(base, src, out, expected):
     synthetic(f"{base}/src", "msmt17")
     src, out = src.format(base=base), out.format(base=base)
     started = time.monotonic()
-    assert pack_dataset.main(["--src", src, "--layout", "msmt17", "--out", out]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    assert expected in refused(src=src, out=out)
     assert time.monotonic() - started < 5
     assert not any("pack.json" in u or "/shards/" in u for u in storage.list_files(base))
 
 
-def test_a_local_out_linked_into_src_is_inside_src(tmp_path, capsys):
+def test_a_local_out_linked_into_src_is_inside_src(tmp_path):
     src = tmp_path / "src"
     synthetic(str(src), "msmt17")
     (tmp_path / "link").symlink_to(src, target_is_directory=True)
-    assert pack_dataset.main(["--src", str(src), "--layout", "msmt17", "--out", str(tmp_path / "link" / "p")]) == 2
-    assert "lies inside --src" in capsys.readouterr().err
+    assert "lies inside --src" in refused(src=str(src), out=str(tmp_path / "link" / "p"))
     assert not (src / "p").exists()

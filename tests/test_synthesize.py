@@ -1,11 +1,11 @@
-"""jobs/synthesize.py: the distractor set (index ranges, per-image noise, uint8 mapping, standing batch-norm statistics,
-writing and face detection), the job's one-line preflight errors, and end to end against real S3, MLflow and Ray."""
+"""jobs/synthesize.py and its workflow (reid_core/workflows/distractors.py): the distractor set (index ranges,
+per-image noise, uint8 mapping, standing batch-norm statistics, writing and face detection), the job's one-line
+preflight errors, and end to end against real S3, MLflow and Ray."""
 
 from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -23,20 +23,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
+from reid_core import storage
 from reid_core.guidance.faces import FaceDetector
 from reid_core.models import build_model
+from reid_core.workflows import distractors as workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_job():
-    spec = importlib.util.spec_from_file_location("synthesize_job", ROOT / "jobs" / "synthesize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load_job()
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
@@ -44,69 +36,69 @@ job = _load_job()
 @given(n=st.integers(1, 5000), batch=st.integers(1, 64), batches_per_chunk=st.integers(1, 20))
 def test_index_ranges_cover_every_index_once_on_batch_boundaries(n, batch, batches_per_chunk):
     chunk = batch * batches_per_chunk
-    ranges = job.index_ranges(n, chunk)
+    ranges = workflow.index_ranges(n, chunk)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(a < b for a, b in ranges)
     assert all(prev[1] == nxt[0] for prev, nxt in zip(ranges, ranges[1:], strict=False))  # contiguous
     # Batches cut inside the chunks are the batches of one pass over 0..n-1: identical whatever the chunking.
-    inside = [bb for a, b in ranges for bb in job.batch_ranges(a, b, batch)]
-    assert inside == job.batch_ranges(0, n, batch)
+    inside = [bb for a, b in ranges for bb in workflow.batch_ranges(a, b, batch)]
+    assert inside == workflow.batch_ranges(0, n, batch)
     assert all(a % batch == 0 and b - a <= batch for a, b in inside)
 
 
 def test_batch_ranges_cut_at_global_multiples():
-    assert job.batch_ranges(5, 23, 8) == [(5, 8), (8, 16), (16, 23)]
-    assert job.batch_ranges(8, 16, 8) == [(8, 16)]
-    assert job.batch_ranges(3, 3, 8) == []
+    assert workflow.batch_ranges(5, 23, 8) == [(5, 8), (8, 16), (16, 23)]
+    assert workflow.batch_ranges(8, 16, 8) == [(8, 16)]
+    assert workflow.batch_ranges(3, 3, 8) == []
     with pytest.raises(ValueError, match="batch_size ≥ 1"):
-        job.batch_ranges(0, 4, 0)
+        workflow.batch_ranges(0, 4, 0)
     with pytest.raises(ValueError, match="≥ 1"):
-        job.index_ranges(0, 8)
+        workflow.index_ranges(0, 8)
 
 
 def test_image_noise_depends_only_on_seed_and_index():
-    whole = job.image_noise(7, range(10), 16)
-    parts = torch.cat([job.image_noise(7, range(0, 3), 16), job.image_noise(7, range(3, 10), 16)])
+    whole = workflow.image_noise(7, range(10), 16)
+    parts = torch.cat([workflow.image_noise(7, range(0, 3), 16), workflow.image_noise(7, range(3, 10), 16)])
     assert whole.shape == (10, 16) and whole.dtype == torch.float32
     assert torch.equal(whole, parts)
-    assert torch.equal(job.image_noise(7, [9, 2], 16), whole[[9, 2]])  # order and neighbours do not matter
-    assert not torch.equal(job.image_noise(8, range(10), 16), whole)  # another seed, other images
+    assert torch.equal(workflow.image_noise(7, [9, 2], 16), whole[[9, 2]])  # order and neighbours do not matter
+    assert not torch.equal(workflow.image_noise(8, range(10), 16), whole)  # another seed, other images
     assert len({tuple(row.tolist()) for row in whole}) == 10  # every index its own noise
     # the formula written in the set's metadata reproduces the noise
     rng = np.random.default_rng(np.random.SeedSequence(7, spawn_key=(0, 4)))
     assert np.array_equal(rng.standard_normal(16, dtype=np.float32), whole[4].numpy())
-    big = job.image_noise(0, range(2000), 100)
+    big = workflow.image_noise(0, range(2000), 100)
     assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01  # N(0, 1)
 
 
 def test_tanh_to_uint8_maps_the_whole_range_evenly():
     x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
-    out = job.tanh_to_uint8(x)
+    out = workflow.tanh_to_uint8(x)
     assert out.dtype == torch.uint8 and out.shape == (1, 1, 7, 3)  # channels last
     assert out[0, 0, :, 0].tolist() == [0, 0, 0, 128, 191, 255, 255]
     fine = torch.linspace(-1, 1, 100_001).view(1, 1, 1, -1)
-    counts = torch.bincount(job.tanh_to_uint8(fine).flatten().long(), minlength=256)
+    counts = torch.bincount(workflow.tanh_to_uint8(fine).flatten().long(), minlength=256)
     assert counts.min() > 0  # every grey level used
     assert counts[1:255].max() - counts[1:255].min() <= 2  # inner bins equally wide (the end bins are half bins)
     with pytest.raises(ValueError, match="expects"):
-        job.tanh_to_uint8(torch.zeros(3, 4, 4))
+        workflow.tanh_to_uint8(torch.zeros(3, 4, 4))
 
 
 def test_standing_statistics_make_images_independent_of_their_batch():
     torch.manual_seed(0)
     gen = build_model("dcgan_generator", z_dim=16, width=8, image_size=(64, 32))
     before = {k: v.clone() for k, v in gen.state_dict().items()}
-    standing = job.with_standing_batch_norm(gen, seed=3, z_dim=16, samples=256, batch_size=64)
+    standing = workflow.with_standing_batch_norm(gen, seed=3, z_dim=16, samples=256, batch_size=64)
     assert all(torch.equal(v, gen.state_dict()[k]) for k, v in before.items())  # the original is untouched
     assert not standing.training
     norms = [m for m in standing.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(m.num_batches_tracked == 4 for m in norms)
     assert all(m.momentum == 0.1 for m in norms)
     assert not torch.allclose(norms[0].running_var, torch.ones_like(norms[0].running_var))
-    again = job.with_standing_batch_norm(gen, seed=3, z_dim=16, samples=256, batch_size=64)
+    again = workflow.with_standing_batch_norm(gen, seed=3, z_dim=16, samples=256, batch_size=64)
     a, b = standing.state_dict(), again.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # deterministic
-    z = job.image_noise(0, range(64), 16)
+    z = workflow.image_noise(0, range(64), 16)
     with torch.no_grad():
         alone, together = standing(z[:3]), standing(z)[:3]
         train_mode = copy.deepcopy(gen).train()(z)  # batch statistics, as in training
@@ -128,19 +120,19 @@ def test_an_exported_generator_is_rebuilt_as_the_same_eager_generator():
     exported = torch.export.export(gen, (torch.randn(4, 16),)).module()
     with pytest.raises(NotImplementedError):
         exported.train()
-    rebuilt = job.as_dcgan_generator(exported)
+    rebuilt = workflow.as_dcgan_generator(exported)
     assert type(rebuilt) is type(gen) and not rebuilt.training
     assert (rebuilt.z_dim, rebuilt.image_size) == (16, (64, 32))
-    z = job.image_noise(0, range(4), 16)
+    z = workflow.image_noise(0, range(4), 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(z), gen(z))
-    assert job.as_dcgan_generator(nn.Sequential(nn.Linear(16, 3))) is None  # not a DC-GAN generator
+    assert workflow.as_dcgan_generator(nn.Sequential(nn.Linear(16, 3))) is None  # not a DC-GAN generator
 
 
 def test_image_paths_sort_in_index_order():
-    assert job.image_path(42, 100, "jpeg") == "images/000042.jpg"
-    assert job.image_path(7, 12_345_678, "png") == "images/00000007.png"
-    paths = [job.image_path(i, 1_000_001, "jpeg") for i in (9, 10, 999_999, 1_000_000)]
+    assert workflow.image_path(42, 100, "jpeg") == "images/000042.jpg"
+    assert workflow.image_path(7, 12_345_678, "png") == "images/00000007.png"
+    paths = [workflow.image_path(i, 1_000_001, "jpeg") for i in (9, 10, 999_999, 1_000_000)]
     assert paths == sorted(paths)
 
 
@@ -177,8 +169,8 @@ def test_synthesize_range_writes_images_and_face_flags(tmp_path):
     gen = FaceOrNot()
     params = dict(num_images=20, seed=5, z_dim=8, batch_size=8, image_format="jpeg")
     with FaceDetector.for_person_crops(workers=0) as detector:
-        rows = job.synthesize_range(gen, start=0, stop=20, out=str(tmp_path), detector=detector, **params)
-    z = job.image_noise(5, range(20), 8)
+        rows = workflow.synthesize_range(gen, start=0, stop=20, out=str(tmp_path), detector=detector, **params)
+    z = workflow.image_noise(5, range(20), 8)
     assert [r[1] for r in rows] == list(range(20)) and {r[2] for r in rows} == {5}
     assert [r[3] for r in rows] == [0 if z[i, 0] > 0 else 1 for i in range(20)]  # Δ = 1 exactly where no face
     assert 0 < sum(r[3] for r in rows) < 20
@@ -187,57 +179,57 @@ def test_synthesize_range_writes_images_and_face_flags(tmp_path):
     with Image.open(tmp_path / rows[0][0]) as im:
         assert im.format == "JPEG" and im.size == (64, 128) and im.mode == "RGB"
         stored = np.asarray(im).astype(int)
-    expected = job.tanh_to_uint8(gen(z[:1]))[0].numpy().astype(int)
+    expected = workflow.tanh_to_uint8(gen(z[:1]))[0].numpy().astype(int)
     assert np.abs(stored - expected).mean() < 3  # quality-95 JPEG of the mapped pixels
 
 
 def test_same_images_whatever_the_chunking(tmp_path):
     torch.manual_seed(1)
-    gen = job.with_standing_batch_norm(
+    gen = workflow.with_standing_batch_norm(
         build_model("dcgan_generator", z_dim=16, width=8, image_size=(64, 32)), seed=0, z_dim=16, samples=128
     )
     params = dict(num_images=24, seed=11, z_dim=16, batch_size=4, image_format="png")
     with FaceDetector.for_person_crops(workers=0) as detector:
-        one = job.synthesize_range(gen, start=0, stop=24, out=str(tmp_path / "one"), detector=detector, **params)
+        one = workflow.synthesize_range(gen, start=0, stop=24, out=str(tmp_path / "one"), detector=detector, **params)
         three = [
             row
-            for a, b in job.index_ranges(24, 8)
-            for row in job.synthesize_range(
+            for a, b in workflow.index_ranges(24, 8)
+            for row in workflow.synthesize_range(
                 gen, start=a, stop=b, out=str(tmp_path / "three"), detector=detector, **params
             )  # fmt: skip
         ]
     assert one == three
     for _, index, _, _ in one:
-        name = job.image_path(index, 24, "png")
+        name = workflow.image_path(index, 24, "png")
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
     with Image.open(tmp_path / "one" / one[3][0]) as im:  # PNG is lossless: exactly the mapped generator output
         stored = np.asarray(im)
     with torch.no_grad():
-        expected = job.tanh_to_uint8(gen(job.image_noise(11, [3], 16)))[0].numpy()
+        expected = workflow.tanh_to_uint8(gen(workflow.image_noise(11, [3], 16)))[0].numpy()
     assert np.array_equal(stored, expected)
 
 
 def test_overwrite_only_replaces_a_distractor_set(tmp_path):
-    settings_ = job.storage.resolve_settings()
-    assert job.check_output(str(tmp_path / "new"), False, settings_) == []
+    settings_ = storage.resolve_settings()
+    assert workflow.check_output(str(tmp_path / "new"), False, settings_) == []
     (tmp_path / "set" / "images").mkdir(parents=True)
     (tmp_path / "set" / "images" / "000000.jpg").write_bytes(b"x")
     (tmp_path / "set" / "manifest.csv").write_text("path\n")
-    with pytest.raises(job.storage.StorageError, match="not empty .*--overwrite"):
-        job.check_output(str(tmp_path / "set"), False, settings_)
-    assert len(job.check_output(str(tmp_path / "set"), True, settings_)) == 2
+    with pytest.raises(storage.StorageError, match="not empty .*--overwrite"):
+        workflow.check_output(str(tmp_path / "set"), False, settings_)
+    assert len(workflow.check_output(str(tmp_path / "set"), True, settings_)) == 2
     (tmp_path / "set" / "notes.txt").write_text("mine")
-    with pytest.raises(job.storage.StorageError, match="refusing to overwrite .* not part of a distractor set"):
-        job.check_output(str(tmp_path / "set"), True, settings_)
+    with pytest.raises(storage.StorageError, match="refusing to overwrite .* not part of a distractor set"):
+        workflow.check_output(str(tmp_path / "set"), True, settings_)
     (tmp_path / "set" / "notes.txt").unlink()
     # Below images/ too, only the names this job writes are its own (a prefix is no proof of authorship).
     for foreign in ("images/notes.txt", "images/000001.jpg.bak", "images/1.jpg", "images/sub/000002.jpg"):
         (tmp_path / "set" / foreign).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "set" / foreign).write_text("mine")
-        with pytest.raises(job.storage.StorageError, match=f"not part of a distractor set .*{foreign}"):
-            job.check_output(str(tmp_path / "set"), True, settings_)
+        with pytest.raises(storage.StorageError, match=f"not part of a distractor set .*{foreign}"):
+            workflow.check_output(str(tmp_path / "set"), True, settings_)
         (tmp_path / "set" / foreign).unlink()
-    assert len(job.check_output(str(tmp_path / "set"), True, settings_)) == 2
+    assert len(workflow.check_output(str(tmp_path / "set"), True, settings_)) == 2
 
 
 # ------------------------------------------------------------------------------------ the job's one-line errors
@@ -291,8 +283,6 @@ def registered_generator(services_stack):
 def test_job_writes_the_distractor_set_on_ray_and_logs_it(services_stack, s3_server, registered_generator, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from reid_core import storage
-
     env = services_stack.full_env
     name = registered_generator["name"]
     out = f"s3://{s3_server.bucket}/distractors-{uuid.uuid4().hex[:6]}"
@@ -332,10 +322,10 @@ def test_job_writes_the_distractor_set_on_ray_and_logs_it(services_stack, s3_ser
     # Same images as an in-process computation: standing statistics + noise of (seed, index).
     torch.manual_seed(0)
     gen = build_model("dcgan_generator", z_dim=16, width=8, image_size=(64, 32))
-    standing = job.with_standing_batch_norm(gen, seed=3, z_dim=16)
+    standing = workflow.with_standing_batch_norm(gen, seed=3, z_dim=16)
     with torch.no_grad():
-        expected = job.tanh_to_uint8(standing(job.image_noise(3, [39], 16)))[0].numpy()
-    assert storage.read_bytes(images[39], s3) == job.encode_image(expected, "jpeg")  # byte for byte
+        expected = workflow.tanh_to_uint8(standing(workflow.image_noise(3, [39], 16)))[0].numpy()
+    assert storage.read_bytes(images[39], s3) == workflow.encode_image(expected, "jpeg")  # byte for byte
 
     client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
     run_id = meta["mlflow"]["run_id"]

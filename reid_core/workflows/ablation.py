@@ -9,6 +9,9 @@ set ``reid.distractors.uri`` (``none`` ignores it), so trials of one recipe and 
 The table (``summarize``): per (recipe, condition), Rank-1 / mAP / mINP as mean ± sample sd over the seeds, and for
 every distractor condition the *paired* difference against ``none`` of the same recipe and seed, mean ± sd over the
 seeds (pairs where both trials completed). No Ray or MLflow in the pure parts.
+
+The grid as ``jobs/ablation.py`` runs it: ``absolute_locations``, ``preflight`` (every input problem raises before Ray
+starts), then ``run_grid`` (the parent MLflow run, ``Tuner.fit``, the table and ``report``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from reid_core.config import (
     ConfigError,
     ReidJobConfig,
     check_positive,
+    flatten,
     from_dict,
     to_dict,
 )
@@ -277,3 +281,134 @@ def result_rows(results) -> list[dict]:
         rows.append(row)
     order = {c: i for i, c in enumerate(CONDITIONS)}
     return sorted(rows, key=lambda r: (RECIPES.index(r["recipe"]), order[r["condition"]], r["seed"]))
+
+
+# ------------------------------------------------------------------------------------------------ the job's driver
+def absolute_locations(cfg: AblationJobConfig) -> AblationJobConfig:
+    """Local folders made absolute: Tune runs each trial in its own working directory."""
+    import os
+
+    from reid_core import storage
+
+    def fix(url):
+        return url if url is None or storage.is_s3(url) or "://" in url else os.path.abspath(url)
+
+    r = cfg.reid
+    reid = dataclasses.replace(
+        r, data=dataclasses.replace(r.data, uri=fix(r.data.uri)), run=dataclasses.replace(r.run, storage=fix(r.run.storage)),
+        distractors=dataclasses.replace(r.distractors, uri=fix(r.distractors.uri)),
+        model=dataclasses.replace(r.model, pretrained=fix(r.model.pretrained)),
+    )  # fmt: skip
+    strong = {k: (fix(v) if k == "model.pretrained" and isinstance(v, str) else v) for k, v in cfg.strong.items()}
+    return dataclasses.replace(cfg, reid=reid, strong=strong,
+                               grid=dataclasses.replace(cfg.grid, storage=fix(cfg.grid.storage)))  # fmt: skip
+
+
+def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: bool = False) -> dict:
+    """Each recipe's re-ID stage (data, the distractor set, a pretrained checkpoint, storage, MLflow) and the grid's
+    state, before Ray starts. With ``resume`` the grid ``grid.name`` must exist (``--resume``), else it must not;
+    ``resume_errored`` only with ``resume``."""
+    from ray.tune import Tuner
+
+    from reid_core import storage, tracking
+    from reid_core.workflows import pipeline
+
+    if resume_errored and not resume:
+        raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier grid)")
+    pres = {}
+    for recipe in cfg.grid.recipes:
+        reid = recipe_config(cfg.reid, cfg.strong) if recipe == "strong" else cfg.reid
+        if "none" in cfg.grid.conditions and len(cfg.grid.conditions) == 1:
+            reid = dataclasses.replace(reid, distractors=dataclasses.replace(reid.distractors, uri=None))
+        pres[recipe] = pipeline.preflight_reid(reid)
+    mlflow_uri = tracking.resolve_tracking_uri(cfg.tracking.uri or pres[cfg.grid.recipes[0]]["mlflow_uri"])
+    tracking.check_server(mlflow_uri)
+    settings = pres[cfg.grid.recipes[0]]["settings"]
+    storage.check_location(cfg.grid.storage, settings)
+    _, fs, experiment_path = tune_storage(cfg, settings)
+    exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    where = storage.join(cfg.grid.storage, cfg.grid.name)
+    if resume and not exists:
+        raise ConfigError(f"--resume: no grid {cfg.grid.name!r} to resume at {where} (grid.name / grid.storage)")
+    if not resume and exists:
+        raise ConfigError(f"grid.name: a grid {cfg.grid.name!r} already exists at {where}: pass --resume to continue "
+                          "it, or choose another grid.name")  # fmt: skip
+    return {"mlflow_uri": mlflow_uri, "settings": settings}
+
+
+def run_grid(cfg: AblationJobConfig, pre: dict, *, resume: bool = False, resume_errored: bool = False) -> dict:
+    """The grid checked by ``preflight``: its parent MLflow run (reopened with ``resume``), the Tune run, the table and
+    ``report``; the parent run is FINISHED only when every trial completed. Returns {"parent_id", "rows", "complete",
+    "table", "concurrent"}."""
+    import ray
+
+    from reid_core import tracking
+    from reid_core.runtime import init_ray_for_job
+    from reid_core.workflows.search import concurrent_trials
+
+    mlflow_uri, settings = pre["mlflow_uri"], pre["settings"]
+
+    init_ray_for_job(use_gpu=cfg.reid.scaling.use_gpu)
+    s = cfg.reid.scaling
+    needs = {"CPU": cfg.grid.trial_cpus + s.num_workers * s.cpus_per_worker,
+             **({"GPU": float(s.num_workers)} if s.use_gpu else {})}  # fmt: skip
+    cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+    concurrent = cfg.grid.max_concurrent_trials or concurrent_trials(cluster, needs)
+    g, experiment = cfg.grid, cfg.tracking.experiment
+    trials = len(g.conditions) * len(g.recipes) * len(g.seeds)
+    log.info("%d trials (%d conditions × %d recipes × %d seeds), %d at a time", trials, len(g.conditions),
+             len(g.recipes), len(g.seeds), concurrent)  # fmt: skip
+
+    parent = tracking.find_runs(mlflow_uri, experiment, {ABLATION_TAG: g.name, "ablation.role": "grid"})
+    if resume and parent:
+        parent_id = parent[0]["run_id"]
+        tracking.reopen_run(mlflow_uri, parent_id)
+    else:
+        parent_id = tracking.start_run(mlflow_uri, experiment, g.name, {**flatten(to_dict(cfg)),
+                                                                        "max_concurrent_trials_used": concurrent},
+                                       tags={"job": "ablation", ABLATION_TAG: g.name,
+                                             "ablation.role": "grid"})  # fmt: skip
+    tuner = build_tuner(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_id, max_concurrent=concurrent,
+                        settings=settings, restore=resume, resume_errored=resume_errored)  # fmt: skip
+    try:
+        rows = result_rows(tuner.fit())
+        summary = summarize(rows)
+        table = markdown_table(summary)
+        report(cfg, mlflow_uri, parent_id, rows, summary, table)
+    except BaseException:
+        tracking.set_terminated(mlflow_uri, parent_id, "FAILED")
+        raise
+    complete = sum(r["status"] == "complete" for r in rows)
+    tracking.set_terminated(mlflow_uri, parent_id, "FINISHED" if complete == len(rows) else "FAILED")
+    return {"parent_id": parent_id, "rows": rows, "complete": complete, "table": table, "concurrent": concurrent}
+
+
+def report(
+    cfg: AblationJobConfig, mlflow_uri: str, parent_id: str, rows: list[dict], summary: list[dict], table: str
+) -> None:
+    """The table (Markdown, CSV of the trials, the picture) and the summary's numbers on the parent run."""
+    import csv
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from reid_core import tracking, viz
+
+    columns = ("recipe", "condition", "seed", "status", *METRICS, "run_id", "reid_version")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tracking.log_text(mlflow_uri, parent_id, text.getvalue(), "results/trials.csv")
+    tracking.log_text(mlflow_uri, parent_id, table + "\n", "results/ablation.md")
+    if any(e["n"] for e in summary):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = viz.ablation_png(summary, Path(tmp) / "ablation.png",
+                                    title=f"{cfg.grid.name}: {cfg.reid.data.uri}, mean ± sd over seeds")  # fmt: skip
+            tracking.log_artifact_file(mlflow_uri, parent_id, path, "results")
+    metrics = {}
+    for e in summary:
+        for key, value in e.items():
+            if key not in ("recipe", "condition") and isinstance(value, (int, float)) and value == value:
+                metrics[f"{e['recipe']}.{e['condition']}.{key}"] = float(value)
+    tracking.log_metrics(mlflow_uri, parent_id, metrics, step=0)

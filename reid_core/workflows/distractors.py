@@ -1,9 +1,41 @@
 """The distractor set: N images from a DC-GAN generator, written with a manifest and metadata to S3 or a folder.
 
-The set's format, its determinism and its MLflow record are documented in ``jobs/synthesize.py`` (the job that runs
-this module) and docs/distractors.md. ``preflight`` checks a ``SynthesisSpec`` before any work; ``run_synthesis``
-writes the set and records it in an MLflow run. ``jobs/synthesize.py`` and the λ search (``reid_core/workflows/search.py``)
-both call them.
+``preflight`` checks a ``SynthesisSpec`` before any work; ``run_synthesis`` writes the set and records it in an MLflow
+run. ``jobs/synthesize.py`` (whose options are the spec's fields) and the λ search (``reid_core/workflows/search.py``)
+both call them. Design and measurements: docs/distractors.md.
+
+The distractor set (the re-ID training job reads it as one extra class)::
+
+    OUT/distractors.json     metadata; written LAST: a set without it is incomplete and must not be used
+    OUT/manifest.csv         header ``path,index,seed,face_absent``; one row per image, sorted by index
+    OUT/images/000000.jpg    RGB JPEG, quality 95, 4:4:4 (or PNG with ``--format png``), H×W of the generator
+
+- ``path``: key relative to OUT, ``images/<index zero-padded to max(6, digits of N-1)>.jpg|.png``.
+- ``index``: 0 .. N-1. ``seed``: the set's ``--seed`` (every row the same; with ``index`` it reproduces the image).
+- ``face_absent``: Δ(x), dlib's HOG detector on the stored pixels before encoding: 1 = no face, 0 = a face.
+- ``distractors.json`` keys: ``format`` ("reid-distractors/1"), ``num_images``, ``image_size`` [H, W], ``channels``,
+  ``image_format`` ("jpeg" | "png"), ``jpeg_quality``, ``manifest``, ``images``, ``seed``, ``z_dim``, ``noise``,
+  ``batch_norm``, ``standing_statistics``, ``face_rate`` (share with a face), ``faces``, ``face_detector``,
+  ``generator`` {``model_uri``, ``name``, ``version``, ``run_id``, ``pinned_uri``}, ``mlflow`` {``tracking_uri``,
+  ``experiment``, ``run_id``}, ``created_at`` (UTC ISO 8601), ``seconds``.
+
+Determinism: image i depends only on (generator version, seed, i). Its noise is ``z_i = numpy.random.default_rng(
+numpy.random.SeedSequence(seed, spawn_key=(0, i))).standard_normal(z_dim, dtype=float32)``; the generator runs in eval
+mode, so an image does not depend on its batch; batches and chunks start at multiples of the batch size, so the same
+images are computed together whatever the number of workers (bit-identical on the same hardware and libraries).
+``--batch-norm standing`` (default) first replaces the batch-norm running statistics by standing statistics (BigGAN):
+the exact mean of the batch statistics over 1,024 noise vectors of another stream (spawn_key (1, k)), i.e. the
+train-mode behaviour DC-GAN samples are drawn with, without the dependence on the batch; ``running`` keeps the
+registered statistics.
+
+Work: chunks of ``--chunk-size`` images. One chunk or ``--workers 1``: in this process (face detection on a pool of
+all CPUs). Otherwise one Ray task per chunk (1 CPU: generate, detect, encode, upload), ``--workers`` at a time (0 = the
+cluster's CPUs); a chunk is idempotent, so a retried task rewrites the same objects.
+
+MLflow: a run in ``--experiment`` ("distractors") with params, the generator version as its input (tags
+``input_model.*`` and MLflow 3's model lineage), metrics ``face_rate``, ``faces``, ``num_images``, ``seconds``,
+``images_per_second``, artifacts ``samples/distractors.png`` (first 64 stored images) and ``distractors.json``; the
+model version gets tags ``distractors.uri``, ``distractors.run_id``, ``distractors.face_rate`` (latest set).
 """
 
 from __future__ import annotations

@@ -16,18 +16,27 @@ rate of its distractor set, Rank-1, mAP, mINP as metrics and tags linking the ge
 stages' own runs are nested under it. A trial restarted after an interrupted search finds its child run again (tag
 ``tune.trial_id``) and skips the stages it already finished (their outputs are tags of the child run); a stage cut
 short resumes from its last Ray Train checkpoint (same run name and storage).
+
+The search as ``jobs/tune_lambdas.py`` runs it: ``absolute_locations``, ``preflight`` (every input problem raises a
+``ConfigError`` / ``StorageError`` / ``TrackingError`` / ``ValueError`` before Ray starts), then ``run_search`` (the
+parent MLflow run, ``Tuner.fit``, ``report``: results table, heat maps, the best trial's alias).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import logging
 import math
+import os
+import tempfile
+from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core import storage, tracking
-from reid_core.config import TuneJobConfig, from_dict
+from reid_core.config import ConfigError, TuneJobConfig, flatten, from_dict, to_dict
 from reid_core.workflows import distractors, pipeline
 
 log = logging.getLogger(__name__)
@@ -276,3 +285,157 @@ def best_row(rows: list[dict], objective: str) -> dict | None:
     """The complete trial with the highest objective (first of equals in table order), or None."""
     complete = [r for r in rows if r["status"] == "complete" and r.get(objective) is not None]
     return max(complete, key=lambda r: r[objective]) if complete else None
+
+
+# ------------------------------------------------------------------------------------------------ the job's driver
+def absolute_locations(cfg: TuneJobConfig) -> TuneJobConfig:
+    """Local folders made absolute: Tune runs each trial in its own working directory."""
+
+    def fix(url):
+        return url if url is None or storage.is_s3(url) else os.path.abspath(url)
+
+    gan, reid, search, synth = cfg.gan, cfg.reid, cfg.search, cfg.synthesis
+    return dataclasses.replace(
+        cfg,
+        search=dataclasses.replace(search, storage=fix(search.storage)),
+        synthesis=dataclasses.replace(synth, out=fix(synth.out)),
+        gan=dataclasses.replace(gan, data=dataclasses.replace(gan.data, uri=fix(gan.data.uri)),
+                                run=dataclasses.replace(gan.run, storage=fix(gan.run.storage))),
+        reid=dataclasses.replace(reid, data=dataclasses.replace(reid.data, uri=fix(reid.data.uri)),
+                                 run=dataclasses.replace(reid.run, storage=fix(reid.run.storage))),
+    )  # fmt: skip
+
+
+def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool = False) -> dict:
+    """Check both training stages' data, storage and MLflow, the synthesis output and the search's state before Ray
+    starts. The re-ID stage is checked without distractors (each trial makes its own set). With ``resume`` the search
+    ``search.name`` must exist (``--resume``), else it must not; ``resume_errored`` only with ``resume``."""
+    from ray.tune import Tuner
+
+    if resume_errored and not resume:
+        raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier search)")
+    s = cfg.search
+    first = dataclasses.replace(cfg.gan.guidance, lambda1=s.lambda1[0], lambda2=s.lambda2[0], mode=s.guidance_modes[0])
+    mlflow_uri, _ = pipeline.preflight_gan(dataclasses.replace(cfg.gan, guidance=first))
+    reid = dataclasses.replace(cfg.reid, distractors=dataclasses.replace(cfg.reid.distractors, uri=None))
+    pipeline.preflight_reid(reid)
+    settings = storage.resolve_settings(cfg.gan.storage.endpoint_url, cfg.gan.storage.region)
+    storage.check_location(cfg.synthesis.out, settings)
+    storage.check_location(s.storage, settings)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri or mlflow_uri)
+    tracking.check_server(uri)
+    _, fs, experiment_path = tune_storage(cfg, settings)
+    exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    where = storage.join(s.storage, s.name)
+    if resume and not exists:
+        raise ConfigError(f"--resume: no search {s.name!r} to resume at {where} (search.name / search.storage)")
+    if not resume and exists:
+        raise ConfigError(f"search.name: a search {s.name!r} already exists at {where}: pass --resume to continue it, "
+                          "or choose another search.name")  # fmt: skip
+    return {"mlflow_uri": uri, "settings": settings}
+
+
+def run_search(cfg: TuneJobConfig, pre: dict, *, resume: bool = False, resume_errored: bool = False) -> dict:
+    """The search checked by ``preflight``: its parent MLflow run (reopened with ``resume``), the Tune run, the results
+    table, heat maps and the best trial's alias (``report``). Returns {"parent_id", "rows", "best", "concurrent"}."""
+    import ray
+
+    from reid_core.runtime import init_ray_for_job
+
+    mlflow_uri, settings = pre["mlflow_uri"], pre["settings"]
+    init_ray_for_job(use_gpu=cfg.gan.scaling.use_gpu or cfg.reid.scaling.use_gpu)
+    needs = trial_resources(cfg)
+    cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+    concurrent = cfg.search.max_concurrent_trials or concurrent_trials(cluster, needs)
+    log.info("each trial needs %s at its peak; the cluster has %s: %d trial(s) at a time", needs,
+             {k: cluster.get(k, 0) for k in needs}, concurrent)  # fmt: skip
+
+    s, experiment = cfg.search, cfg.tracking.experiment
+    parent = tracking.find_runs(mlflow_uri, experiment, {SEARCH_TAG: s.name, "tune.role": "search"})
+    if resume and parent:
+        parent_id = parent[0]["run_id"]
+        tracking.reopen_run(mlflow_uri, parent_id)
+        log.info("resuming search %r: MLflow run %s", s.name, parent_id)
+    else:
+        params = {**flatten(to_dict(cfg)), "max_concurrent_trials_used": concurrent}
+        parent_id = tracking.start_run(mlflow_uri, experiment, s.name, params,
+                                       tags={"job": "tune_lambdas", SEARCH_TAG: s.name, "tune.role": "search",
+                                             "search.mode": s.mode, "objective": s.objective})  # fmt: skip
+    tuner = build_tuner(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_id, max_concurrent=concurrent,
+                        settings=settings, restore=resume, resume_errored=resume_errored)  # fmt: skip
+    try:
+        results = tuner.fit()
+        rows = result_rows(results)
+        close_unfinished_trials(mlflow_uri, experiment, s.name, rows)
+        best = report(cfg, mlflow_uri, parent_id, rows)
+    except BaseException:
+        tracking.set_terminated(mlflow_uri, parent_id, "FAILED")
+        raise
+    tracking.set_terminated(mlflow_uri, parent_id, "FINISHED")
+    return {"parent_id": parent_id, "rows": rows, "best": best, "concurrent": concurrent}
+
+
+def close_unfinished_trials(mlflow_uri: str, experiment: str, search_name: str, rows: list[dict]) -> None:
+    """Trials stopped early (ASHA) or failed leave their MLflow runs (child and stages) RUNNING: close them."""
+    for row in rows:
+        if row["status"] == "complete":
+            continue
+        status = "KILLED" if row["status"] == "stopped early" else "FAILED"
+        for run in tracking.find_runs(mlflow_uri, experiment, {SEARCH_TAG: search_name, TRIAL_TAG: row["trial_id"]}):
+            if run["status"] == "RUNNING":
+                tracking.set_terminated(mlflow_uri, run["run_id"], status)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if value == value else "–"
+        return "–" if value is None else str(value)
+
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in RESULT_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(cfg: TuneJobConfig, mlflow_uri: str, parent_id: str, rows: list[dict]) -> dict | None:
+    """Results table (CSV, Markdown) and heat maps on the parent run; alias the best trial's re-ID model version."""
+    import numpy as np
+
+    from reid_core.viz import lambda_heatmap_png
+
+    s = cfg.search
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tracking.log_text(mlflow_uri, parent_id, text.getvalue(), "results/trials.csv")
+    tracking.log_text(mlflow_uri, parent_id, markdown_table(rows) + "\n", "results/trials.md")
+    if s.mode == "grid":
+        l1, l2 = sorted(set(s.lambda1)), sorted(set(s.lambda2))
+        with tempfile.TemporaryDirectory() as tmp:
+            for mode in s.guidance_modes:
+                grids = {}
+                for key, title in (("mAP", "mAP"), ("rank1", "Rank-1")):
+                    cells = np.full((len(l1), len(l2)), np.nan)
+                    for i, a in enumerate(l1):
+                        for j, b in enumerate(l2):
+                            values = [r[key] for r in rows if r["status"] == "complete" and r["guidance_mode"] == mode
+                                      and r["lambda1"] == a and r["lambda2"] == b]  # fmt: skip
+                            cells[i, j] = float(np.mean(values)) if values else np.nan  # mean over repeats
+                    grids[title] = cells
+                path = lambda_heatmap_png(grids, l1, l2, Path(tmp) / f"heatmap_{mode}.png",
+                                          title=f"{s.name}: guidance {mode}, {cfg.reid.data.uri}")  # fmt: skip
+                tracking.log_artifact_file(mlflow_uri, parent_id, path, "results")
+    best = best_row(rows, s.objective)
+    if best is not None:
+        model = cfg.reid.tracking.registered_model
+        tracking.set_model_alias(mlflow_uri, model, cfg.tracking.alias, best["reid_version"])
+        tracking.set_run_tags(mlflow_uri, parent_id, {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"],
+                                                      "best.lambda1": best["lambda1"], "best.lambda2": best["lambda2"],
+                                                      "best.guidance_mode": best["guidance_mode"],
+                                                      "best.model": f"models:/{model}/{best['reid_version']}"})  # fmt: skip
+        tracking.set_run_tags(mlflow_uri, best["run_id"], {"tune.best": "true"})
+        tracking.log_metrics(mlflow_uri, parent_id, {f"best_{k}": best[k] for k in ("rank1", "mAP", "mINP")}, step=0)
+    tracking.log_metrics(mlflow_uri, parent_id, {"trials_complete": sum(r["status"] == "complete" for r in rows),
+                                                 "trials": len(rows)}, step=0)  # fmt: skip
+    return best
