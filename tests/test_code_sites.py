@@ -25,7 +25,7 @@ ALLOWED_DELETES = {
     "devstack/stack.py": 1,  # Stack.down: the stack's own state and env files
     "reid_core/workflows/packing.py": 1,  # the old pack's files, as shards.pack_files lists them (write_pack)
     "reid_core/workflows/distractors.py": 1,  # the old set's files, as check_output accepts them
-    "jobs/gpu_check.py": 1,  # its own previous gpu_check.json, the one name it writes
+    "reid_core/workflows/node_check.py": 1,  # its own previous gpu_check.json, the one name it writes
 }
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
+from reid_core.workflows import node_check as gpu_check
 
-import gpu_check  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = ("gan", "reid_train", "inference", "loader", "evaluation")
 
