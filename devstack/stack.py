@@ -411,6 +411,11 @@ class Stack:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray Train gives a worker group 60 s to start. On a small shared machine (2 cores running several stacks, a
+            # DeepSpeed op being compiled) starting a worker process (torch, DeepSpeed and Ray Train imports) has taken
+            # longer, and the run failed with WorkerGroupStartupTimeoutError although nothing was wrong. A job can
+            # still set its own value in its runtime env (tests/test_multinode.py shortens it to 30 s).
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
             # The jobs' processes find the venv's python and console scripts first.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
