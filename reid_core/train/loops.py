@@ -166,7 +166,7 @@ def train_gan_loop(loop_config: dict) -> None:
 
     from reid_core.data import ReIDDataset, build_transforms, read_layout
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import restore_engines, save_engines
+    from reid_core.train.checkpoint import CRITIC, DISCRIMINATOR, GENERATOR, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
     from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
@@ -204,7 +204,7 @@ def train_gan_loop(loop_config: dict) -> None:
     gen_model = build_model("dcgan_generator", z_dim=cfg.model.z_dim, width=cfg.model.width, image_size=(h, w))
     disc_model = build_model("dcgan_discriminator", width=cfg.model.width, image_size=(h, w))
     engines = {}
-    for name, model in (("generator", gen_model), ("discriminator", disc_model)):
+    for name, model in ((GENERATOR, gen_model), (DISCRIMINATOR, disc_model)):
         ds_cfg = deepspeed_config(
             micro_batch_size=cfg.optim.batch_size, world_size=world, use_gpu=cfg.scaling.use_gpu,
             precision=cfg.scaling.precision, zero_stage=cfg.scaling.zero_stage, lr=cfg.optim.lr,
@@ -224,8 +224,8 @@ def train_gan_loop(loop_config: dict) -> None:
         optimizer = (
             torch.optim.Adam(critic_model.parameters(), lr=cfg.optim.lr) if needs_torch_optimizer(ds_cfg) else None
         )
-        engines["critic"], *_ = deepspeed.initialize(model=critic_model, optimizer=optimizer, config=ds_cfg)
-    gen, disc, critic = engines["generator"], engines["discriminator"], engines.get("critic")
+        engines[CRITIC], *_ = deepspeed.initialize(model=critic_model, optimizer=optimizer, config=ds_cfg)
+    gen, disc, critic = engines[GENERATOR], engines[DISCRIMINATOR], engines.get(CRITIC)
 
     # --- Δ(x) of every real image, once: on the original image (where a face is detectable), split across ranks
     detector = gan_face_detector(cfg.guidance.detector_workers)
@@ -445,7 +445,7 @@ def train_reid_loop(loop_config: dict) -> None:
     from reid_core.losses import batch_hard_triplet, reid_loss
     from reid_core.models import build_model
     from reid_core.models.condense import group_lasso_loss, learned_group_convs
-    from reid_core.train.checkpoint import restore_engines, save_engines
+    from reid_core.train.checkpoint import REID_MODEL, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend
 
     ctx = ray.train.get_context()
@@ -526,7 +526,7 @@ def train_reid_loop(loop_config: dict) -> None:
     start_epoch = 0
     checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
-        meta, checkpoint = restore_engines(checkpoint, {"model": engine}, world_size=world)
+        meta, checkpoint = restore_engines(checkpoint, {REID_MODEL: engine}, world_size=world)
         start_epoch = meta["epoch"] + 1
         log.info("rank %d resumed from epoch %d (%s)", rank, meta["epoch"], checkpoint.path)
 
@@ -639,7 +639,7 @@ def train_reid_loop(loop_config: dict) -> None:
             metrics.update(validate(engine.module))  # rank 0 only: the others' reports carry no val_* keys
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_engines(tmp, {"model": engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
+            save_engines(tmp, {REID_MODEL: engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
             if epoch_log is not None:
                 epoch_log.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

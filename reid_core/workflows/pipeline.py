@@ -232,14 +232,9 @@ def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoi
     import torch
 
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import read_meta
+    from reid_core.train.checkpoint import GENERATOR, load_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = checkpoint.to_directory(tmp)
-        meta = read_meta(directory)
-        gen = build_model("dcgan_generator", **meta["model"])
-        gen.load_state_dict(torch.load(Path(directory) / "generator.pt", map_location="cpu", weights_only=True))
-    gen.eval()
+    gen, meta = load_model(checkpoint, GENERATOR, lambda meta: build_model("dcgan_generator", **meta["model"]))
     z = torch.randn(4, meta["model"]["z_dim"], generator=torch.Generator().manual_seed(0))
     return tracking.log_and_register_pytorch_model(
         mlflow_uri, run_id, gen, name="generator", registered_model=cfg.tracking.registered_model,
@@ -341,18 +336,13 @@ def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = Non
 
 
 def load_trained_model(checkpoint):
-    """(model in eval mode, checkpoint meta) from the checkpoint's plain weights (``model.pt``; world-size free)."""
-    import torch
-
+    """(model in eval mode, checkpoint meta) from the checkpoint's plain weights (``checkpoint.load_model``)."""
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import read_meta
+    from reid_core.train.checkpoint import REID_MODEL, load_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = checkpoint.to_directory(tmp)
-        meta = read_meta(directory)
-        model = build_model(meta["model"]["name"], **meta["model"]["kwargs"])
-        model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), meta
+    return load_model(
+        checkpoint, REID_MODEL, lambda meta: build_model(meta["model"]["name"], **meta["model"]["kwargs"])
+    )
 
 
 def count_flops(model, example) -> int:
