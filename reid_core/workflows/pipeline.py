@@ -245,7 +245,43 @@ def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoi
 
 
 # ------------------------------------------------------------------------------------------------------------ re-ID
-def preflight_reid(cfg: ReidJobConfig) -> dict:
+@dataclass(frozen=True)
+class ReidPlan:
+    """What ``preflight_reid`` checked and ``run_reid`` uses."""
+
+    mlflow_uri: str  # the MLflow server, resolved and reachable
+    settings: Any  # storage.S3Settings of the job's ``storage`` section
+    splits: Any  # data.Splits of ``data.uri``: train, query, gallery
+    pid_map: dict  # original identity -> training label 0..N-1 (``limit_training``)
+    training: Any  # data.training_set.TrainingSet: the real records, then the distractor class
+    distractors: Any  # data.training_set.DistractorSet of ``distractors.uri``, or None
+    per_batch: int  # distractors in each batch
+    steps_per_epoch: int  # full batches per worker and epoch
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """What ``finalize`` made of the trained model."""
+
+    metrics: dict  # retrieval (and FLIMA ID) metrics, FLOPs, parameters, the conversion's difference
+    version: str  # the registered model version
+    converted: bool  # whether the CondenseNet was converted to its deployment form
+    exports: list  # the exported files' names (TorchScript, ONNX when it exported)
+    seconds: float  # conversion + evaluation + registration
+
+
+@dataclass(frozen=True)
+class ReidResult:
+    """What ``run_reid`` returns."""
+
+    run_id: str  # the MLflow run of the training
+    final: FinalModel
+    checkpoint: Any  # ray.train.Checkpoint of the last epoch
+    last_metrics: dict  # the last epoch's reported metrics
+    fit_seconds: float  # seconds in ``TorchTrainer.fit``
+
+
+def preflight_reid(cfg: ReidJobConfig) -> ReidPlan:
     """Check the dataset, the distractor set, checkpoint storage and MLflow before Ray starts."""
     from reid_core.data import RandomIdentitySampler, read_layout
     from reid_core.data.training_set import (
@@ -281,8 +317,8 @@ def preflight_reid(cfg: ReidJobConfig) -> dict:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
     check_cluster_resources(cfg.scaling)
-    return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
-            "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
+    return ReidPlan(mlflow_uri=uri, settings=settings, splits=splits, pid_map=pid_map, training=training,
+                    distractors=distractors, per_batch=per_batch, steps_per_epoch=batches)  # fmt: skip
 
 
 def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
@@ -302,37 +338,36 @@ def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
     load_pretrained(build_model(cfg.model.name, **kwargs), state, uri=f"model.pretrained: {cfg.model.pretrained}")
 
 
-def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = None, callbacks=None) -> dict:
+def run_reid(cfg: ReidJobConfig, pre: ReidPlan, *, tags: dict[str, str] | None = None, callbacks=None) -> ReidResult:
     """Train the re-ID model of ``cfg`` (checked by ``preflight_reid``, whose result is ``pre``) on Ray Train, then
     convert, evaluate, register and export it (``finalize``).
 
     The MLflow run is named ``cfg.run.name`` (continued when it exists: Ray resumes from its last checkpoint). ``tags``
     are added to a new run; ``callbacks`` go to the trainer's ``RunConfig``. The registered version gets the alias
-    ``cfg.tracking.alias`` (none when it is None). Returns {"run_id", "final" (``finalize``'s result), "checkpoint",
-    "last_metrics", "fit_seconds"}.
+    ``cfg.tracking.alias`` (none when it is None).
     """
     from reid_core.train.loops import train_reid_loop
 
-    mlflow_uri, training = pre["mlflow_uri"], pre["training"]
+    mlflow_uri, training = pre.mlflow_uri, pre.training
     params = {**flatten(to_dict(cfg)), "data.num_train_images": training.num_real,
               "data.num_train_ids": training.num_classes, "distractors.num_images": training.num_generated,
-              "distractors.per_batch_used": pre["per_batch"], "steps_per_epoch": pre["steps_per_epoch"]}  # fmt: skip
+              "distractors.per_batch_used": pre.per_batch, "steps_per_epoch": pre.steps_per_epoch}  # fmt: skip
     run_tags = {"job": "train_reid", "model": cfg.model.name, "loss.mode": cfg.loss.mode,
                 "distractors": "yes" if training.num_generated else "no"}  # fmt: skip
-    if pre["distractors"] is not None:
-        generator = pre["distractors"].metadata.get("generator") or {}
+    if pre.distractors is not None:
+        generator = pre.distractors.metadata.get("generator") or {}
         run_tags.update({"distractors.uri": cfg.distractors.uri,
                          "distractors.generator": generator.get("pinned_uri", "unknown")})  # fmt: skip
     run_id, result, fit_seconds = _train(train_reid_loop, cfg, mlflow_uri, params=params, tags={**run_tags, **(tags or {})},
-                                         settings=pre["settings"], callbacks=callbacks)  # fmt: skip
+                                         settings=pre.settings, callbacks=callbacks)  # fmt: skip
     try:
         final = finalize(cfg, pre, mlflow_uri, run_id, result.checkpoint)
     except Exception:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
     tracking.set_terminated(mlflow_uri, run_id, "FINISHED")
-    return {"run_id": run_id, "final": final, "checkpoint": result.checkpoint,
-            "last_metrics": dict(result.metrics or {}), "fit_seconds": fit_seconds}  # fmt: skip
+    return ReidResult(run_id=run_id, final=final, checkpoint=result.checkpoint,
+                      last_metrics=dict(result.metrics or {}), fit_seconds=fit_seconds)  # fmt: skip
 
 
 def load_trained_model(checkpoint):
@@ -416,8 +451,8 @@ def export_onnx(feature_model, example, path: Path) -> None:
                            f"{np.abs(got - expected).max():.2e})")  # fmt: skip
 
 
-def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkpoint) -> dict:
-    """Convert, check, evaluate, count, log, register and export the final model. Returns what the summary prints."""
+def finalize(cfg: ReidJobConfig, pre: ReidPlan, mlflow_uri: str, run_id: str, checkpoint) -> FinalModel:
+    """Convert, check, evaluate, count, log, register and export the final model."""
     import torch
 
     from reid_core.evaluation.features import (
@@ -428,7 +463,7 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     )
 
     t0 = time.perf_counter()
-    splits, settings = pre["splits"], pre["settings"]
+    splits, settings = pre.splits, pre.settings
     model, meta = load_trained_model(checkpoint)
     h, w = meta["image_size"]
     dual = is_dual_stream(meta["model"]["name"])
@@ -458,7 +493,7 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     metrics, _ = evaluate_splits(deploy.to(device), splits.query, splits.gallery, flip=cfg.eval.flip,
                                  metric=cfg.eval.metric, max_rank=cfg.eval.max_rank, **common)  # fmt: skip
     if cfg.data.layout == "flima":
-        result = classify_identities(deploy, splits.query + splits.gallery, pid_map=pre["pid_map"], **common)
+        result = classify_identities(deploy, splits.query + splits.gallery, pid_map=pre.pid_map, **common)
         metrics.update(result.summary())
     deploy.cpu()
     metrics.update(
@@ -481,8 +516,8 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
               "output": "L2-normalised features (N, D)"},
     )  # fmt: skip
     exports = export_artifacts(mlflow_uri, run_id, feature_model, example)
-    return {"metrics": metrics, "version": version, "converted": converted, "exports": exports,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return FinalModel(metrics=metrics, version=version, converted=converted, exports=exports,
+                      seconds=time.perf_counter() - t0)  # fmt: skip
 
 
 def export_artifacts(mlflow_uri: str, run_id: str, feature_model, example) -> list[str]:
