@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 
 import torch
 
@@ -442,11 +443,11 @@ def train_reid_loop(loop_config: dict) -> None:
         read_distractor_set,
         training_records,
     )
-    from reid_core.losses import batch_hard_triplet, reid_loss
     from reid_core.models import build_model
-    from reid_core.models.condense import group_lasso_loss, learned_group_convs
+    from reid_core.models.condense import learned_group_convs
     from reid_core.train.checkpoint import REID_MODEL, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend
+    from reid_core.train.steps import ReidLoss, reid_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -521,6 +522,10 @@ def train_reid_loop(loop_config: dict) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+    step_loss = ReidLoss(mode=cfg.loss.mode, label_smoothing=cfg.loss.label_smoothing,
+                         triplet=0.0 if dual else cfg.loss.triplet, triplet_margin=cfg.loss.triplet_margin,
+                         group_lasso=cfg.loss.group_lasso if condenses else 0.0,
+                         face_presence=cfg.loss.face_presence if dual else 0.0)  # fmt: skip
 
     # --- resume: the run's newest checkpoint (masks and condensing stages are buffers: restored too)
     start_epoch = 0
@@ -563,49 +568,20 @@ def train_reid_loop(loop_config: dict) -> None:
             images = batch["image"].to(device, dtype, non_blocking=True)  # from pinned memory on GPUs
             labels = batch["pid"].to(device, non_blocking=True)
             generated = is_generated[batch["index"]].to(device)
+            face = {}
             if dual:
-                has_face = batch["has_face"].to(device, non_blocking=True)
-                logits = engine(images, batch["face_crop"].to(device, dtype, non_blocking=True), has_face)
-            elif cfg.loss.triplet:
-                metric_features, logits = engine.module.forward_train(images)
-            else:
-                logits = engine(images)
-            logits = logits.float()
-            loss = reid_loss(logits, labels, generated, mode=cfg.loss.mode, label_smoothing=cfg.loss.label_smoothing)
-            total = loss
-            if cfg.loss.triplet and not dual:
-                triplet = batch_hard_triplet(metric_features, labels, generated, margin=cfg.loss.triplet_margin)
-                total = total + cfg.loss.triplet * triplet
-                sums["triplet"] += triplet.item()
-            if condenses and cfg.loss.group_lasso:
-                lasso = group_lasso_loss(engine.module)
-                total = total + cfg.loss.group_lasso * lasso
-                sums["group_lasso"] += lasso.item()
-            if dual and cfg.loss.face_presence:
-                face_loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    engine.module.face_logit(images).float(), has_face.float()
-                )
-                total = total + cfg.loss.face_presence * face_loss
-                sums["face_presence_loss"] += face_loss.item()
-            losses = {"loss": loss.item(), "total_loss": total.item()}
-            stop = non_finite_losses(losses, rank=rank, world=world, epoch=epoch, step=step)
-            if stop is not None:  # before the update: a NaN gradient step would only spread it into the weights
+                face = {"face_crop": batch["face_crop"].to(device, dtype, non_blocking=True),
+                        "has_face": batch["has_face"].to(device, non_blocking=True)}  # fmt: skip
+            out, stop = reid_step(engine, images, labels, generated, num_classes=training.num_classes, loss=step_loss,
+                                  check=partial(non_finite_losses, rank=rank, world=world, epoch=epoch, step=step),
+                                  **face)  # fmt: skip
+            if stop is not None:  # nothing was updated
                 _stop_training(stop, rank=rank, epoch_log=epoch_log, flush_seconds=cfg.tracking.flush_seconds,
                                mlflow_uri=mlflow_uri, run_id=run_id, attempt=loop_config.get("attempt"))  # fmt: skip
                 return
-            engine.backward(total)
-            engine.step()
-
-            with torch.no_grad():
-                real = ~generated
-                predicted = logits[:, : training.num_classes].argmax(1)
-                sums["loss"] += losses["loss"]
-                sums["correct"] += float((predicted[real] == labels[real]).sum())
-                sums["real"] += float(real.sum())
-                if generated.any():
-                    sums["distractor_correct"] += float((logits.argmax(1)[generated] == training.num_classes).sum())
-                    sums["generated"] += float(generated.sum())
-                sums["skipped_images"] += float(batch["skipped"].sum())
+            for key in sums.keys() & out.keys():
+                sums[key] += out[key]
+            sums["skipped_images"] += float(batch["skipped"].sum())
         epoch_seconds = time.perf_counter() - t_epoch
 
         # Sums over ranks (equal step counts on every rank), then means.
