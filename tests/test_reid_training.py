@@ -288,3 +288,28 @@ def test_feature_model_of_a_converted_condensenet_matches_the_trained_one():
     trained, deployed = FeatureModel(model)(x), FeatureModel(convert(model))(x)
     assert trained.shape == (3, 16) and torch.allclose(trained.norm(dim=1), torch.ones(3))
     assert torch.allclose(trained, deployed, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the one training set
+def test_the_preflight_and_every_worker_build_the_same_training_set(tmp_path):
+    """``build_training_set`` is what the preflight checks and what each Ray Train worker trains on: the ranks'
+    samplers cover the same set with the same step count, and too small a set is refused once, naming the key."""
+    from reid_core.train.loops import build_training_set
+    from tests.test_evaluate_job import make_dataset
+
+    data = str(tmp_path / "msmt17")
+    make_dataset(data, {})
+    sets = write_distractor_set(tmp_path / "distractors", 10)
+    cfg = load_config(ReidJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", f"distractors.uri={sets}",
+                                            "optim.identities_per_batch=2", "optim.images_per_identity=2"])  # fmt: skip
+    driver = build_training_set(cfg, world_size=2)
+    workers = [build_training_set(cfg, world_size=2, rank=r) for r in range(2)]
+    assert driver.training.num_generated == 10 and driver.per_batch > 0
+    for worker in workers:
+        assert worker.training.records == driver.training.records and worker.pid_map == driver.pid_map
+        assert worker.steps_per_epoch == driver.steps_per_epoch == len(worker.sampler) > 0
+    assert [b for b in workers[0].sampler] != [b for b in workers[1].sampler]  # each rank its own batches
+    big = load_config(ReidJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", "optim.identities_per_batch=4",
+                                            "optim.images_per_identity=4"])  # fmt: skip
+    with pytest.raises(ConfigError, match="optim.identities_per_batch: .* give no full batch of 4×4 per worker on 8"):
+        build_training_set(big, world_size=8)

@@ -14,7 +14,9 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -415,6 +417,60 @@ def reid_model_kwargs(name: str, *, num_classes: int, feature_dim: int, dropout_
     return kwargs
 
 
+@dataclass(frozen=True)
+class ReidTrainingSet:
+    """The re-ID job's training data as ``build_training_set`` reads it."""
+
+    splits: Any  # data.Splits of ``data.uri``: train, query, gallery
+    pid_map: dict  # original identity -> training label 0..N-1 (``limit_training``)
+    training: Any  # data.training_set.TrainingSet: the real records, then the distractor class
+    distractors: Any  # data.training_set.DistractorSet of ``distractors.uri``, or None
+    per_batch: int  # distractors in each batch
+    sampler: Any  # data.training_set.MixedBatchSampler of ``rank``
+    steps_per_epoch: int  # full batches per worker and epoch (``len(sampler)``)
+
+
+def build_training_set(cfg, *, world_size: int, rank: int = 0, settings=None) -> ReidTrainingSet:
+    """The one definition of the re-ID training set of ``cfg`` (a ``config.ReidJobConfig``): the layout's training
+    split (``data.max_images``), then the distractor set (``distractors.*``) as class N, the distractors per batch and
+    rank ``rank``'s batches of P identities × K images on ``world_size`` workers. The job's preflight calls it (on
+    the driver, ``rank`` 0) and so does every Ray Train worker (``train_reid_loop``), so both see the same data.
+
+    Raises ``ConfigError`` when the data give no full batch per worker.
+    """
+    from reid_core.config import ConfigError
+    from reid_core.data import read_layout
+    from reid_core.data.training_set import (
+        MixedBatchSampler,
+        distractors_per_batch,
+        limit_training,
+        read_distractor_set,
+        training_records,
+    )
+
+    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
+    real, pid_map = limit_training(splits.train, cfg.data.max_images)
+    distractors = None
+    if cfg.distractors.uri:
+        distractors = read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images, settings=settings)
+    training = training_records(real, distractors)
+    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
+                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    sampler = MixedBatchSampler(
+        training, identities_per_batch=cfg.optim.identities_per_batch,
+        images_per_identity=cfg.optim.images_per_identity, distractors_per_batch=per_batch, seed=cfg.run.seed,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"optim.identities_per_batch: {training.num_real} training images of {training.num_classes} identities "
+            f"give no full batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on "
+            f"{world_size} workers"
+        )
+    return ReidTrainingSet(splits=splits, pid_map=pid_map, training=training, distractors=distractors,
+                           per_batch=per_batch, sampler=sampler, steps_per_epoch=len(sampler))  # fmt: skip
+
+
 def train_reid_loop(loop_config: dict) -> None:
     """Ray Train worker: a re-ID network (CondenseNet or Dual-Stream) on real identities + the distractor class.
 
@@ -433,16 +489,8 @@ def train_reid_loop(loop_config: dict) -> None:
     import deepspeed
     from torch.utils.data import DataLoader
 
-    from reid_core.data import ReIDDataset, build_transforms, read_layout
-    from reid_core.data.training_set import (
-        FaceStreamDataset,
-        MixedBatchSampler,
-        all_face_boxes,
-        distractors_per_batch,
-        limit_training,
-        read_distractor_set,
-        training_records,
-    )
+    from reid_core.data import ReIDDataset, build_transforms
+    from reid_core.data.training_set import FaceStreamDataset, all_face_boxes
     from reid_core.models import build_model
     from reid_core.models.condense import learned_group_convs
     from reid_core.train.checkpoint import REID_MODEL, restore_engines, save_engines
@@ -457,26 +505,10 @@ def train_reid_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
     dual = is_dual_stream(cfg.model.name)
 
-    # --- data: real identities 0..N-1, then the distractor class N
-    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
-    real, _ = limit_training(splits.train, cfg.data.max_images)
-    distractors = (
-        read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images) if cfg.distractors.uri else None
-    )
-    training = training_records(real, distractors)
-    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
-                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
-    sampler = MixedBatchSampler(
-        training, identities_per_batch=cfg.optim.identities_per_batch,
-        images_per_identity=cfg.optim.images_per_identity, distractors_per_batch=per_batch, seed=cfg.run.seed,
-        rank=rank, world_size=world,
-    )  # fmt: skip
-    steps = len(sampler)
-    if steps == 0:
-        raise ValueError(
-            f"{cfg.data.uri}: {training.num_real} training images of {training.num_classes} identities give no full "
-            f"batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on {world} workers"
-        )
+    # --- data: real identities 0..N-1, then the distractor class N (the training set the preflight checked)
+    data = build_training_set(cfg, world_size=world, rank=rank)
+    splits, training, per_batch, sampler, steps = (data.splits, data.training, data.per_batch, data.sampler,
+                                                   data.steps_per_epoch)  # fmt: skip
     h, w = cfg.data.image_size
     if dual:
         from reid_core.guidance.faces import FaceDetector

@@ -283,42 +283,23 @@ class ReidResult:
 
 def preflight_reid(cfg: ReidJobConfig) -> ReidPlan:
     """Check the dataset, the distractor set, checkpoint storage and MLflow before Ray starts."""
-    from reid_core.data import RandomIdentitySampler, read_layout
-    from reid_core.data.training_set import (
-        distractors_per_batch,
-        limit_training,
-        read_distractor_set,
-        training_records,
-    )
+    from reid_core.train.loops import build_training_set
 
     settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
     storage.check_location(cfg.data.uri, settings, must_exist=True)
-    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
-    real, pid_map = limit_training(splits.train, cfg.data.max_images)
-    distractors = None
     if cfg.distractors.uri:
         storage.check_location(cfg.distractors.uri, settings, must_exist=True)
-        distractors = read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images, settings=settings)
-    training = training_records(real, distractors)
-    batches = len(RandomIdentitySampler(training.real, batch_size=cfg.batch_size,
-                                        num_instances=cfg.optim.images_per_identity,
-                                        world_size=cfg.scaling.num_workers)) // cfg.batch_size  # fmt: skip
-    if batches == 0:
-        raise ConfigError(
-            f"optim.identities_per_batch: {training.num_real} training images of {training.num_classes} identities "
-            f"give no full batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on "
-            f"{cfg.scaling.num_workers} workers"
-        )
-    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
-                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    data = build_training_set(cfg, world_size=cfg.scaling.num_workers, settings=settings)
+    training = data.training
     if cfg.model.pretrained:  # read and matched against the model here, so a wrong checkpoint costs no cluster time
         check_pretrained(cfg, training.num_classes, settings)
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
     check_cluster_resources(cfg.scaling)
-    return ReidPlan(mlflow_uri=uri, settings=settings, splits=splits, pid_map=pid_map, training=training,
-                    distractors=distractors, per_batch=per_batch, steps_per_epoch=batches)  # fmt: skip
+    return ReidPlan(mlflow_uri=uri, settings=settings, splits=data.splits, pid_map=data.pid_map, training=training,
+                    distractors=data.distractors, per_batch=data.per_batch,
+                    steps_per_epoch=data.steps_per_epoch)  # fmt: skip
 
 
 def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
