@@ -313,3 +313,29 @@ def test_the_preflight_and_every_worker_build_the_same_training_set(tmp_path):
                                             "optim.images_per_identity=4"])  # fmt: skip
     with pytest.raises(ConfigError, match="optim.identities_per_batch: .* give no full batch of 4×4 per worker on 8"):
         build_training_set(big, world_size=8)
+
+
+def test_evaluation_face_boxes_come_from_the_detector_only_once_per_distinct_record(tmp_path):
+    """Query + gallery may share records: each is detected once; a record the dataset tags as showing a face gets no
+    box unless the detector finds one (test-time face presence never comes from the tags)."""
+    from reid_core.evaluation.features import evaluation_face_boxes
+
+    class Found:
+        def __init__(self, n):
+            self.n = n
+
+        def best_boxes(self):
+            return [(1.0, 2.0, 3.0, 4.0)] + [None] * (self.n - 1)
+
+    class Detector:
+        calls: list[int] = []
+
+        def detect(self, arrays):
+            self.calls.append(len(arrays))
+            return Found(len(arrays))
+
+    a = Record(path=write_image(tmp_path / "a.jpg", (10, 20, 30)), pid=0, camid=0, face=False)
+    b = Record(path=write_image(tmp_path / "b.jpg", (30, 20, 10)), pid=1, camid=1, face=True)
+    detector = Detector()
+    boxes = evaluation_face_boxes([a, b, a], detector=detector)
+    assert boxes == {a: (1.0, 2.0, 3.0, 4.0), b: None} and detector.calls == [2]

@@ -664,17 +664,12 @@ def _validation(cfg, splits, dual: bool, device):
     """
     import copy
 
-    from reid_core.evaluation.features import evaluate_splits
+    from reid_core.evaluation.features import evaluate_splits, evaluation_face_boxes
 
     face_boxes = None
     if dual:
-        from reid_core.data.training_set import face_boxes as find_face_boxes
-        from reid_core.guidance.faces import FaceDetector
-
-        records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector.for_person_crops(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
-            found = find_face_boxes(records, detector)
-        face_boxes = {r: found[i] for i, r in enumerate(records)}
+        face_boxes = evaluation_face_boxes(splits.query + splits.gallery,
+                                           workers=max(1, int(cfg.scaling.cpus_per_worker)))  # fmt: skip
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         if next(model.parameters()).dtype != torch.float32:

@@ -304,15 +304,12 @@ class FeatureWorker:
 
     def features(self, index: int, records: list) -> tuple[int, np.ndarray, int]:
         """(index, (len(records), D) float32 L2-normalised features, faces found: Dual-Stream only, else -1)."""
-        from reid_core.evaluation.features import extract_features
+        from reid_core.evaluation.features import evaluation_face_boxes, extract_features
 
         boxes, faces = None, -1
         if self.dual:
-            from reid_core.data.training_set import face_boxes
-
-            found = face_boxes(records, self.detector, settings=self.settings)
-            boxes = {r: found[i] for i, r in enumerate(records)}
-            faces = sum(1 for b in found.values() if b is not None)
+            boxes = evaluation_face_boxes(records, detector=self.detector, settings=self.settings)
+            faces = sum(1 for r in records if boxes[r] is not None)
         feats, _, _ = extract_features(self.model, records, image_size=self.image_size, batch_size=self.batch_size,
                                        flip=self.flip, face_boxes=boxes, face_size=self.image_size[0],
                                        settings=self.settings)  # fmt: skip

@@ -441,6 +441,7 @@ def finalize(cfg: ReidJobConfig, pre: ReidPlan, mlflow_uri: str, run_id: str, ch
         FeatureModel,
         classify_identities,
         evaluate_splits,
+        evaluation_face_boxes,
     )
 
     t0 = time.perf_counter()
@@ -451,13 +452,7 @@ def finalize(cfg: ReidJobConfig, pre: ReidPlan, mlflow_uri: str, run_id: str, ch
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     face_boxes = None
     if dual:
-        from reid_core.data.training_set import face_boxes as find_face_boxes
-        from reid_core.guidance.faces import FaceDetector
-
-        records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector.for_person_crops(workers=None) as detector:
-            found = find_face_boxes(records, detector, settings=settings)
-        face_boxes = {r: found[i] for i, r in enumerate(records)}
+        face_boxes = evaluation_face_boxes(splits.query + splits.gallery, settings=settings)
         example = torch.randn(2, 6, h, h, generator=torch.Generator().manual_seed(0))
         example[1, 3:] = 0  # the second example has no face
         deploy, stages, diff = model, 0, 0.0
