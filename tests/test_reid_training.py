@@ -339,3 +339,18 @@ def test_evaluation_face_boxes_come_from_the_detector_only_once_per_distinct_rec
     detector = Detector()
     boxes = evaluation_face_boxes([a, b, a], detector=detector)
     assert boxes == {a: (1.0, 2.0, 3.0, 4.0), b: None} and detector.calls == [2]
+
+
+def test_the_gan_preflight_and_its_workers_read_the_same_images_and_check_the_batch_once(tmp_path):
+    from reid_core.config import GanJobConfig
+    from reid_core.train.loops import gan_records
+    from tests.test_evaluate_job import make_dataset
+
+    data = str(tmp_path / "msmt17")
+    make_dataset(data, {})
+    cfg = load_config(GanJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", "data.split=train",
+                                           "data.max_images=20", "optim.batch_size=4"])  # fmt: skip
+    records = gan_records(cfg, world_size=2)
+    assert len(records) == 20 and records == gan_records(cfg, world_size=5)
+    with pytest.raises(ConfigError, match="optim.batch_size: 20 images on 6 workers give no full batch of 4"):
+        gan_records(cfg, world_size=6)

@@ -157,6 +157,25 @@ def _stop_training(message: str, *, rank: int, epoch_log, flush_seconds: float, 
         raise NonFiniteLossError(message) from exc
 
 
+def gan_records(cfg: GanJobConfig, *, world_size: int) -> list:
+    """The GAN's training images of ``cfg``: split ``data.split`` of ``data.uri``, the first ``data.max_images``.
+    The preflight and every Ray Train worker read them here. Raises ``ConfigError`` when there are none, or when they
+    give no full batch of ``optim.batch_size`` per worker on ``world_size`` workers."""
+    from reid_core.config import ConfigError
+    from reid_core.data import read_layout
+
+    records = getattr(read_layout(cfg.data.uri, cfg.data.layout), cfg.data.split, None)
+    if not records:
+        raise ConfigError(f"data.split: {cfg.data.uri} has no {cfg.data.split!r} images")
+    records = records[: cfg.data.max_images or len(records)]
+    if len(records) // world_size < cfg.optim.batch_size:
+        raise ConfigError(
+            f"optim.batch_size: {len(records)} images on {world_size} workers give no full batch of "
+            f"{cfg.optim.batch_size} per worker"
+        )
+    return records
+
+
 def train_gan_loop(loop_config: dict) -> None:
     """Ray Train worker: DC-GAN with two DeepSpeed engines (generator and discriminator, each its own config)."""
     import ray.train
@@ -167,7 +186,7 @@ def train_gan_loop(loop_config: dict) -> None:
     import deepspeed
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    from reid_core.data import ReIDDataset, build_transforms, read_layout
+    from reid_core.data import ReIDDataset, build_transforms
     from reid_core.models import build_model
     from reid_core.train.checkpoint import CRITIC, DISCRIMINATOR, GENERATOR, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
@@ -181,10 +200,7 @@ def train_gan_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
 
     # --- data: this rank's shard of the split, equal length on every rank (collectives need equal step counts)
-    records = read_layout(cfg.data.uri, cfg.data.layout)
-    records = getattr(records, cfg.data.split)
-    if cfg.data.max_images:
-        records = records[: cfg.data.max_images]
+    records = gan_records(cfg, world_size=world)
     h, w = cfg.data.image_size
     dataset = ReIDDataset(
         records,
@@ -197,11 +213,6 @@ def train_gan_loop(loop_config: dict) -> None:
     )
     batches = dataset.read_ahead(BatchSampler(sampler, cfg.optim.batch_size, drop_last=True))
     loader = DataLoader(dataset, batch_sampler=batches, **loader_kwargs(0, use_gpu=cfg.scaling.use_gpu))
-    if len(loader) == 0:
-        raise ValueError(
-            f"{cfg.data.uri}: {len(records)} {cfg.data.split} images give no full batch of {cfg.optim.batch_size} "
-            f"per worker on {world} workers; lower optim.batch_size or scaling.num_workers"
-        )
 
     # --- models and engines: a fresh DeepSpeed config and optimizer each (DeepSpeed #1975)
     gen_model = build_model("dcgan_generator", z_dim=cfg.model.z_dim, width=cfg.model.width, image_size=(h, w))

@@ -174,20 +174,11 @@ def training_failure(exc: Exception, run, settings=None) -> str:
 # ------------------------------------------------------------------------------------------------------------ GAN
 def preflight_gan(cfg: GanJobConfig) -> tuple[str, int]:
     """Check the dataset, checkpoint storage and MLflow before Ray starts. Returns (MLflow URI, images in split)."""
-    from reid_core.data import read_layout
+    from reid_core.train.loops import gan_records
 
     settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
     storage.check_location(cfg.data.uri, settings, must_exist=True)
-    splits = read_layout(cfg.data.uri, cfg.data.layout)
-    records = getattr(splits, cfg.data.split, None)
-    if not records:
-        raise ConfigError(f"data.split: {cfg.data.uri} has no {cfg.data.split!r} images")
-    n = min(len(records), cfg.data.max_images or len(records))
-    if n // cfg.scaling.num_workers < cfg.optim.batch_size:
-        raise ConfigError(
-            f"optim.batch_size: {n} images on {cfg.scaling.num_workers} workers give no full batch of "
-            f"{cfg.optim.batch_size} per worker"
-        )
+    n = len(gan_records(cfg, world_size=cfg.scaling.num_workers))
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
