@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     out = ablation.run_grid(cfg, pre, resume=args.resume, resume_errored=args.resume_errored)
-    mlflow_uri, parent_id, rows, complete = pre["mlflow_uri"], out["parent_id"], out["rows"], out["complete"]
+    mlflow_uri, parent_id, rows, complete = pre.mlflow_uri, out["parent_id"], out["rows"], out["complete"]
     g, experiment, concurrent, table = cfg.grid, cfg.tracking.experiment, out["concurrent"], out["table"]
     print("\n=== ablation summary ===")
     print(f"grid:              {g.name!r}: {len(rows)} trials, {complete} complete; {concurrent} at a time")

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except evaluate.EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    uri, ref, query, gallery = pre["mlflow_uri"], pre["ref"], pre["query"], pre["gallery"]
+    uri, ref, query, gallery = pre.mlflow_uri, pre.ref, pre.query, pre.gallery
     run_id, short, m, extraction, n = (
         out["run_id"],
         out["dataset"],
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     art = tracking.artifact_uri(uri, run_id)
     print("\n=== evaluate summary ===")
     version = f"registered as {ref.uri}" if ref else "not registered"
-    produced = f", logged by run {pre['model_run_id']}" if pre["model_run_id"] else ""
+    produced = f", logged by run {pre.model_run_id}" if pre.model_run_id else ""
     print(f"model:             {args.model} ({version}{produced})")
-    print(f"dataset:           {args.data} ({args.layout}{', ' + str(pre['options']) if pre['options'] else ''}): "
+    print(f"dataset:           {args.data} ({args.layout}{', ' + str(pre.options) if pre.options else ''}): "
           f"{len(query)} queries, {len(gallery)} gallery images")  # fmt: skip
-    print(f"features:          {n} × {pre['feature_dim']} on {extraction['workers']} Ray actors in "
+    print(f"features:          {n} × {pre.feature_dim} on {extraction['workers']} Ray actors in "
           f"{extraction['seconds']:.1f} s ({n / extraction['seconds']:.1f} images/s)"
           f"{', flip-averaged' if args.flip else ''}")  # fmt: skip
     print(f"retrieval ({args.metric}): Rank-1 {m['rank1']:.4f}  Rank-5 {m['rank5']:.4f}  Rank-10 {m['rank10']:.4f}  "

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         # One line that says what to fix; nothing has started yet.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    mlflow_uri, ref = pre["mlflow_uri"], pre["ref"]
+    mlflow_uri, ref = pre.mlflow_uri, pre.ref
     done = run_synthesis(spec, pre)
     run_id, metadata = done["run_id"], done["metadata"]
 

@@ -72,35 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Logging starts after the checks, so that a refused input is exactly one line on stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    mlflow_uri, training = pre["mlflow_uri"], pre["training"]
-    print(describe_training_split(pre["splits"]), flush=True)  # before any cluster time is spent
+    mlflow_uri, training = pre.mlflow_uri, pre.training
+    print(describe_training_split(pre.splits), flush=True)  # before any cluster time is spent
 
     try:
         out = pipeline.run_reid(cfg, pre)
     except pipeline.PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    run_id, final, fit_seconds = out["run_id"], out["final"], out["fit_seconds"]
+    run_id, final, fit_seconds = out.run_id, out.final, out.fit_seconds
 
-    m = final["metrics"]
+    m = final.metrics
     art = tracking.artifact_uri(mlflow_uri, run_id)
     print("\n=== train_reid summary ===")
     print(f"MLflow run:        {run_id} ({mlflow_uri}, experiment {cfg.tracking.experiment!r})")
-    print(f"registered model:  {cfg.tracking.registered_model} version {final['version']} "
-          f"(alias @{cfg.tracking.alias}; converted={final['converted']})")  # fmt: skip
-    print(f"training split:    {describe_training_split(pre['splits']).removeprefix('training split: ')}")
+    print(f"registered model:  {cfg.tracking.registered_model} version {final.version} "
+          f"(alias @{cfg.tracking.alias}; converted={final.converted})")  # fmt: skip
+    print(f"training split:    {describe_training_split(pre.splits).removeprefix('training split: ')}")
     print(f"training data:     {training.num_real} images of {training.num_classes} identities + "
-          f"{training.num_generated} distractors ({pre['per_batch']} per batch, loss {cfg.loss.mode})")  # fmt: skip
+          f"{training.num_generated} distractors ({pre.per_batch} per batch, loss {cfg.loss.mode})")  # fmt: skip
     print(f"retrieval:         Rank-1 {m['rank1']:.4f}  Rank-5 {m['rank5']:.4f}  Rank-10 {m['rank10']:.4f}  "
           f"mAP {m['mAP']:.4f}  mINP {m['mINP']:.4f}  ({int(m['num_valid_queries'])} queries)")  # fmt: skip
     if "f1_macro" in m:
         print(f"ID classification: P {m['precision_macro']:.4f}  R {m['recall_macro']:.4f}  F1 {m['f1_macro']:.4f}")
     print(f"model:             {m['params'] / 1e6:.3f} M parameters, {m['flops'] / 1e6:.1f} MFLOPs per image "
           f"(training form {m['params_training_form'] / 1e6:.3f} M, {m['flops_training_form'] / 1e6:.1f} MFLOPs)")  # fmt: skip
-    print(f"exports:           {art}/export/ ({', '.join(final['exports']) or 'none'})")
-    print(f"checkpoint:        {out['checkpoint'].path}")
-    print(f"time:              {fit_seconds:.1f} s training, {final['seconds']:.1f} s conversion + evaluation")
-    last = {k: round(v, 4) for k, v in out["last_metrics"].items() if isinstance(v, float | int)}
+    print(f"exports:           {art}/export/ ({', '.join(final.exports) or 'none'})")
+    print(f"checkpoint:        {out.checkpoint.path}")
+    print(f"time:              {fit_seconds:.1f} s training, {final.seconds:.1f} s conversion + evaluation")
+    last = {k: round(v, 4) for k, v in out.last_metrics.items() if isinstance(v, float | int)}
     print(f"last epoch:        {last}")
     return 0
 

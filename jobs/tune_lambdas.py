@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # Logging starts after the checks, so that a refused input is exactly one line on stderr.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     out = search.run_search(cfg, pre, resume=args.resume, resume_errored=args.resume_errored)
-    mlflow_uri, parent_id, rows, best, concurrent = (pre["mlflow_uri"], out["parent_id"], out["rows"], out["best"],
+    mlflow_uri, parent_id, rows, best, concurrent = (pre.mlflow_uri, out["parent_id"], out["rows"], out["best"],
                                                      out["concurrent"])  # fmt: skip
     s, experiment = cfg.search, cfg.tracking.experiment
 

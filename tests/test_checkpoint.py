@@ -12,9 +12,14 @@ import torch
 
 from reid_core.train.checkpoint import (
     MANIFEST_DIR,
+    META,
+    REID_MODEL,
     CorruptCheckpointError,
+    load_model,
     restore_engines,
+    save_weights,
     verify_checkpoint,
+    weights_file,
     write_manifest,
 )
 
@@ -31,6 +36,25 @@ def fake_checkpoint(directory, *, world_size: int = 2) -> None:
             (private / "meta.json").write_text(json.dumps({"epoch": 1, "tag": "epoch-0001", "world_size": world_size}))
         write_manifest(private, rank=rank)
         shutil.copytree(private, directory, dirs_exist_ok=True)
+
+
+def test_a_model_comes_back_from_its_checkpoint_weights_through_the_one_loader(tmp_path):
+    """``save_weights`` writes ``weights_file(name)``; ``load_model`` builds the model from the meta and loads it."""
+
+    class Folder:  # what load_model needs of a ray.train.Checkpoint
+        def to_directory(self, path):
+            shutil.copytree(tmp_path / "ckpt", path, dirs_exist_ok=True)
+            return path
+
+    torch.manual_seed(0)
+    trained = torch.nn.Linear(3, 2)
+    (tmp_path / "ckpt").mkdir()
+    save_weights(tmp_path / "ckpt", REID_MODEL, trained)
+    (tmp_path / "ckpt" / META).write_text(json.dumps({"epoch": 0, "model": {"in": 3, "out": 2}}))
+    assert (tmp_path / "ckpt" / weights_file(REID_MODEL)).is_file()
+    model, meta = load_model(Folder(), REID_MODEL, lambda m: torch.nn.Linear(m["model"]["in"], m["model"]["out"]))
+    assert meta["epoch"] == 0 and not model.training
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters(), strict=True))
 
 
 def test_an_intact_checkpoint_passes_and_each_kind_of_damage_is_named(tmp_path):

@@ -288,3 +288,69 @@ def test_feature_model_of_a_converted_condensenet_matches_the_trained_one():
     trained, deployed = FeatureModel(model)(x), FeatureModel(convert(model))(x)
     assert trained.shape == (3, 16) and torch.allclose(trained.norm(dim=1), torch.ones(3))
     assert torch.allclose(trained, deployed, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the one training set
+def test_the_preflight_and_every_worker_build_the_same_training_set(tmp_path):
+    """``build_training_set`` is what the preflight checks and what each Ray Train worker trains on: the ranks'
+    samplers cover the same set with the same step count, and too small a set is refused once, naming the key."""
+    from reid_core.train.loops import build_training_set
+    from tests.test_evaluate_job import make_dataset
+
+    data = str(tmp_path / "msmt17")
+    make_dataset(data, {})
+    sets = write_distractor_set(tmp_path / "distractors", 10)
+    cfg = load_config(ReidJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", f"distractors.uri={sets}",
+                                            "optim.identities_per_batch=2", "optim.images_per_identity=2"])  # fmt: skip
+    driver = build_training_set(cfg, world_size=2)
+    workers = [build_training_set(cfg, world_size=2, rank=r) for r in range(2)]
+    assert driver.training.num_generated == 10 and driver.per_batch > 0
+    for worker in workers:
+        assert worker.training.records == driver.training.records and worker.pid_map == driver.pid_map
+        assert worker.steps_per_epoch == driver.steps_per_epoch == len(worker.sampler) > 0
+    assert [b for b in workers[0].sampler] != [b for b in workers[1].sampler]  # each rank its own batches
+    big = load_config(ReidJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", "optim.identities_per_batch=4",
+                                            "optim.images_per_identity=4"])  # fmt: skip
+    with pytest.raises(ConfigError, match="optim.identities_per_batch: .* give no full batch of 4×4 per worker on 8"):
+        build_training_set(big, world_size=8)
+
+
+def test_evaluation_face_boxes_come_from_the_detector_only_once_per_distinct_record(tmp_path):
+    """Query + gallery may share records: each is detected once; a record the dataset tags as showing a face gets no
+    box unless the detector finds one (test-time face presence never comes from the tags)."""
+    from reid_core.evaluation.features import evaluation_face_boxes
+
+    class Found:
+        def __init__(self, n):
+            self.n = n
+
+        def best_boxes(self):
+            return [(1.0, 2.0, 3.0, 4.0)] + [None] * (self.n - 1)
+
+    class Detector:
+        calls: list[int] = []
+
+        def detect(self, arrays):
+            self.calls.append(len(arrays))
+            return Found(len(arrays))
+
+    a = Record(path=write_image(tmp_path / "a.jpg", (10, 20, 30)), pid=0, camid=0, face=False)
+    b = Record(path=write_image(tmp_path / "b.jpg", (30, 20, 10)), pid=1, camid=1, face=True)
+    detector = Detector()
+    boxes = evaluation_face_boxes([a, b, a], detector=detector)
+    assert boxes == {a: (1.0, 2.0, 3.0, 4.0), b: None} and detector.calls == [2]
+
+
+def test_the_gan_preflight_and_its_workers_read_the_same_images_and_check_the_batch_once(tmp_path):
+    from reid_core.config import GanJobConfig
+    from reid_core.train.loops import gan_records
+    from tests.test_evaluate_job import make_dataset
+
+    data = str(tmp_path / "msmt17")
+    make_dataset(data, {})
+    cfg = load_config(GanJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", "data.split=train",
+                                           "data.max_images=20", "optim.batch_size=4"])  # fmt: skip
+    records = gan_records(cfg, world_size=2)
+    assert len(records) == 20 and records == gan_records(cfg, world_size=5)
+    with pytest.raises(ConfigError, match="optim.batch_size: 20 images on 6 workers give no full batch of 4"):
+        gan_records(cfg, world_size=6)

@@ -15,7 +15,8 @@
   feature, one tensor in and one out; ``RegisteredFeatureModel`` wraps such a deployed model (from the registry) back
   into the ``forward_features`` interface, so that ``extract_features`` serves both.
 
-The Dual-Stream CNN reads (person image, face crop, has_face): pass ``face_boxes`` ({record: box or None}).
+The Dual-Stream CNN reads (person image, face crop, has_face): pass ``face_boxes`` ({record: box or None}), which
+``evaluation_face_boxes`` finds, the one test-time definition (the detector only, at the one person-crop setting).
 No Ray or MLflow here.
 """
 
@@ -36,6 +37,27 @@ from reid_core.data.training_set import DISTRACTOR_PID, Box, FaceStreamDataset
 from reid_core.metrics import ClassificationResult, RankResult, classification_metrics, evaluate_rank
 
 log = logging.getLogger(__name__)
+
+
+def evaluation_face_boxes(
+    records: Sequence[Record], *, detector=None, workers: int | None = None, settings: storage.S3Settings | None = None
+) -> dict[Record, Box | None]:
+    """The Dual-Stream model's face boxes at test time, {record: box or None} for every distinct record of ``records``
+    (query + gallery, or a chunk of them): the detector's only (``face_boxes``; never the dataset's face tags), as
+    validation, ``pipeline.finalize`` and ``jobs/evaluate.py`` all use them.
+
+    detector: a ``FaceDetector`` to use (a Ray actor keeps one across its chunks); None: one at the person-crop
+    setting (``FaceDetector.for_person_crops(workers=workers)``), closed afterwards.
+    """
+    from reid_core.data.training_set import face_boxes as detected_boxes
+    from reid_core.guidance.faces import FaceDetector
+
+    distinct = list(dict.fromkeys(records))
+    if detector is None:
+        with FaceDetector.for_person_crops(workers=workers) as own:
+            return evaluation_face_boxes(distinct, detector=own, settings=settings)
+    found = detected_boxes(distinct, detector, settings=settings)
+    return {r: found[i] for i, r in enumerate(distinct)}
 
 
 class FeatureModel(nn.Module):

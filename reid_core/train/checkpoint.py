@@ -5,11 +5,16 @@ Layout of a checkpoint directory:
                                  explicit tag because both engines would otherwise fight over one ``latest`` file
     meta.json                    epoch, tag, world size, ZeRO stages (rank 0)
     <engine name>.pt             rank 0: the plain ``state_dict`` of the module, readable without DeepSpeed
+                                 (``weights_file``, ``save_weights`` / ``load_weights``)
                                  (the driver registers the final model from it; it does not depend on world size)
     manifest/rank-NNNNN.json     every rank, written last: size and SHA-256 of each file that rank wrote
 
 Before anything is loaded, ``restore_engines`` checks every rank's manifest (a truncated or altered file, a missing
 rank): a checkpoint that fails is skipped, with a warning naming the file, for the run's previous checkpoint.
+
+This module is the one place that knows the names: the engines' keys (``GENERATOR``, ``DISCRIMINATOR``, ``CRITIC``
+of the GAN loop; ``REID_MODEL`` of the re-ID loop), their weights files (``weights_file``), and the one way back from a
+reported checkpoint to a model (``load_model``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 MANIFEST_DIR = "manifest"
 
+# The engines' names in a checkpoint: each is a DeepSpeed folder and the ``<name>.pt`` plain weights beside it.
+GENERATOR = "generator"
+DISCRIMINATOR = "discriminator"
+CRITIC = "critic"
+REID_MODEL = "model"
+
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files do not match its manifests (truncated, altered or missing); the message names the file."""
@@ -37,6 +48,35 @@ class CorruptCheckpointError(RuntimeError):
 
 def epoch_tag(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
+
+
+def weights_file(name: str) -> str:
+    """The file of engine ``name``'s plain ``state_dict`` in a checkpoint directory (written by rank 0)."""
+    return f"{name}.pt"
+
+
+def save_weights(directory: str | Path, name: str, module: torch.nn.Module) -> None:
+    """Write ``module``'s plain ``state_dict`` as engine ``name``'s weights file in ``directory``."""
+    torch.save(module.state_dict(), Path(directory) / weights_file(name))
+
+
+def load_weights(directory: str | Path, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Load engine ``name``'s plain weights from ``directory`` into ``module`` (strict; tensors only); returns it."""
+    path = Path(directory) / weights_file(name)
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return module
+
+
+def load_model(checkpoint, name: str, build) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, meta) of engine ``name`` in a reported checkpoint (a ``ray.train.Checkpoint``), from its
+    plain weights (world-size free): ``build(meta)`` makes the empty model the weights go into."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = checkpoint.to_directory(tmp)
+        meta = read_meta(directory)
+        model = load_weights(directory, name, build(meta))
+    return model.eval(), meta
 
 
 def save_engines(
@@ -49,7 +89,7 @@ def save_engines(
         engine.save_checkpoint(str(directory / name), tag=tag, save_latest=False)
     if rank == 0:
         for name, engine in engines.items():
-            torch.save(engine.module.state_dict(), directory / f"{name}.pt")
+            save_weights(directory, name, engine.module)
         meta = {
             "epoch": epoch,
             "tag": tag,
@@ -186,7 +226,7 @@ def load_engines(directory: str | Path, engines: dict[str, Any], *, world_size: 
     """Restore every engine (weights, optimizer, schedulers) from ``directory``; returns its meta.
 
     ZeRO ≥ 1 partitions the optimizer state by data-parallel rank: such a checkpoint cannot be loaded at another
-    world size. Then the engines restart from the plain weights (``<name>.pt``, world-size independent) with a fresh
+    world size. Then the engines restart from the plain weights (``weights_file``, world-size independent) with a fresh
     optimizer, and the log says so; with ZeRO 0 DeepSpeed reloads the full optimizer state at any world size.
     """
     directory = Path(directory)
@@ -200,7 +240,7 @@ def load_engines(directory: str | Path, engines: dict[str, Any], *, world_size: 
             directory, saved_world, world_size,
         )  # fmt: skip
         for name, engine in engines.items():
-            engine.module.load_state_dict(torch.load(directory / f"{name}.pt", map_location="cpu", weights_only=True))
+            load_weights(directory, name, engine.module)
         return {**meta, "optimizer_restored": False}
     for name, engine in engines.items():
         path, _ = engine.load_checkpoint(str(directory / name), tag=meta["tag"])

@@ -14,6 +14,9 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -154,6 +157,25 @@ def _stop_training(message: str, *, rank: int, epoch_log, flush_seconds: float, 
         raise NonFiniteLossError(message) from exc
 
 
+def gan_records(cfg: GanJobConfig, *, world_size: int) -> list:
+    """The GAN's training images of ``cfg``: split ``data.split`` of ``data.uri``, the first ``data.max_images``.
+    The preflight and every Ray Train worker read them here. Raises ``ConfigError`` when there are none, or when they
+    give no full batch of ``optim.batch_size`` per worker on ``world_size`` workers."""
+    from reid_core.config import ConfigError
+    from reid_core.data import read_layout
+
+    records = getattr(read_layout(cfg.data.uri, cfg.data.layout), cfg.data.split, None)
+    if not records:
+        raise ConfigError(f"data.split: {cfg.data.uri} has no {cfg.data.split!r} images")
+    records = records[: cfg.data.max_images or len(records)]
+    if len(records) // world_size < cfg.optim.batch_size:
+        raise ConfigError(
+            f"optim.batch_size: {len(records)} images on {world_size} workers give no full batch of "
+            f"{cfg.optim.batch_size} per worker"
+        )
+    return records
+
+
 def train_gan_loop(loop_config: dict) -> None:
     """Ray Train worker: DC-GAN with two DeepSpeed engines (generator and discriminator, each its own config)."""
     import ray.train
@@ -164,9 +186,9 @@ def train_gan_loop(loop_config: dict) -> None:
     import deepspeed
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    from reid_core.data import ReIDDataset, build_transforms, read_layout
+    from reid_core.data import ReIDDataset, build_transforms
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import restore_engines, save_engines
+    from reid_core.train.checkpoint import CRITIC, DISCRIMINATOR, GENERATOR, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
     from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
@@ -178,10 +200,7 @@ def train_gan_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
 
     # --- data: this rank's shard of the split, equal length on every rank (collectives need equal step counts)
-    records = read_layout(cfg.data.uri, cfg.data.layout)
-    records = getattr(records, cfg.data.split)
-    if cfg.data.max_images:
-        records = records[: cfg.data.max_images]
+    records = gan_records(cfg, world_size=world)
     h, w = cfg.data.image_size
     dataset = ReIDDataset(
         records,
@@ -194,17 +213,12 @@ def train_gan_loop(loop_config: dict) -> None:
     )
     batches = dataset.read_ahead(BatchSampler(sampler, cfg.optim.batch_size, drop_last=True))
     loader = DataLoader(dataset, batch_sampler=batches, **loader_kwargs(0, use_gpu=cfg.scaling.use_gpu))
-    if len(loader) == 0:
-        raise ValueError(
-            f"{cfg.data.uri}: {len(records)} {cfg.data.split} images give no full batch of {cfg.optim.batch_size} "
-            f"per worker on {world} workers; lower optim.batch_size or scaling.num_workers"
-        )
 
     # --- models and engines: a fresh DeepSpeed config and optimizer each (DeepSpeed #1975)
     gen_model = build_model("dcgan_generator", z_dim=cfg.model.z_dim, width=cfg.model.width, image_size=(h, w))
     disc_model = build_model("dcgan_discriminator", width=cfg.model.width, image_size=(h, w))
     engines = {}
-    for name, model in (("generator", gen_model), ("discriminator", disc_model)):
+    for name, model in ((GENERATOR, gen_model), (DISCRIMINATOR, disc_model)):
         ds_cfg = deepspeed_config(
             micro_batch_size=cfg.optim.batch_size, world_size=world, use_gpu=cfg.scaling.use_gpu,
             precision=cfg.scaling.precision, zero_stage=cfg.scaling.zero_stage, lr=cfg.optim.lr,
@@ -224,8 +238,8 @@ def train_gan_loop(loop_config: dict) -> None:
         optimizer = (
             torch.optim.Adam(critic_model.parameters(), lr=cfg.optim.lr) if needs_torch_optimizer(ds_cfg) else None
         )
-        engines["critic"], *_ = deepspeed.initialize(model=critic_model, optimizer=optimizer, config=ds_cfg)
-    gen, disc, critic = engines["generator"], engines["discriminator"], engines.get("critic")
+        engines[CRITIC], *_ = deepspeed.initialize(model=critic_model, optimizer=optimizer, config=ds_cfg)
+    gen, disc, critic = engines[GENERATOR], engines[DISCRIMINATOR], engines.get(CRITIC)
 
     # --- Δ(x) of every real image, once: on the original image (where a face is detectable), split across ranks
     detector = gan_face_detector(cfg.guidance.detector_workers)
@@ -414,6 +428,60 @@ def reid_model_kwargs(name: str, *, num_classes: int, feature_dim: int, dropout_
     return kwargs
 
 
+@dataclass(frozen=True)
+class ReidTrainingSet:
+    """The re-ID job's training data as ``build_training_set`` reads it."""
+
+    splits: Any  # data.Splits of ``data.uri``: train, query, gallery
+    pid_map: dict  # original identity -> training label 0..N-1 (``limit_training``)
+    training: Any  # data.training_set.TrainingSet: the real records, then the distractor class
+    distractors: Any  # data.training_set.DistractorSet of ``distractors.uri``, or None
+    per_batch: int  # distractors in each batch
+    sampler: Any  # data.training_set.MixedBatchSampler of ``rank``
+    steps_per_epoch: int  # full batches per worker and epoch (``len(sampler)``)
+
+
+def build_training_set(cfg, *, world_size: int, rank: int = 0, settings=None) -> ReidTrainingSet:
+    """The one definition of the re-ID training set of ``cfg`` (a ``config.ReidJobConfig``): the layout's training
+    split (``data.max_images``), then the distractor set (``distractors.*``) as class N, the distractors per batch and
+    rank ``rank``'s batches of P identities × K images on ``world_size`` workers. The job's preflight calls it (on
+    the driver, ``rank`` 0) and so does every Ray Train worker (``train_reid_loop``), so both see the same data.
+
+    Raises ``ConfigError`` when the data give no full batch per worker.
+    """
+    from reid_core.config import ConfigError
+    from reid_core.data import read_layout
+    from reid_core.data.training_set import (
+        MixedBatchSampler,
+        distractors_per_batch,
+        limit_training,
+        read_distractor_set,
+        training_records,
+    )
+
+    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
+    real, pid_map = limit_training(splits.train, cfg.data.max_images)
+    distractors = None
+    if cfg.distractors.uri:
+        distractors = read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images, settings=settings)
+    training = training_records(real, distractors)
+    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
+                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    sampler = MixedBatchSampler(
+        training, identities_per_batch=cfg.optim.identities_per_batch,
+        images_per_identity=cfg.optim.images_per_identity, distractors_per_batch=per_batch, seed=cfg.run.seed,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"optim.identities_per_batch: {training.num_real} training images of {training.num_classes} identities "
+            f"give no full batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on "
+            f"{world_size} workers"
+        )
+    return ReidTrainingSet(splits=splits, pid_map=pid_map, training=training, distractors=distractors,
+                           per_batch=per_batch, sampler=sampler, steps_per_epoch=len(sampler))  # fmt: skip
+
+
 def train_reid_loop(loop_config: dict) -> None:
     """Ray Train worker: a re-ID network (CondenseNet or Dual-Stream) on real identities + the distractor class.
 
@@ -432,21 +500,13 @@ def train_reid_loop(loop_config: dict) -> None:
     import deepspeed
     from torch.utils.data import DataLoader
 
-    from reid_core.data import ReIDDataset, build_transforms, read_layout
-    from reid_core.data.training_set import (
-        FaceStreamDataset,
-        MixedBatchSampler,
-        all_face_boxes,
-        distractors_per_batch,
-        limit_training,
-        read_distractor_set,
-        training_records,
-    )
-    from reid_core.losses import batch_hard_triplet, reid_loss
+    from reid_core.data import ReIDDataset, build_transforms
+    from reid_core.data.training_set import FaceStreamDataset, all_face_boxes
     from reid_core.models import build_model
-    from reid_core.models.condense import group_lasso_loss, learned_group_convs
-    from reid_core.train.checkpoint import restore_engines, save_engines
+    from reid_core.models.condense import learned_group_convs
+    from reid_core.train.checkpoint import REID_MODEL, restore_engines, save_engines
     from reid_core.train.deepspeed import deepspeed_config, dist_backend
+    from reid_core.train.steps import ReidLoss, reid_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -456,26 +516,10 @@ def train_reid_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
     dual = is_dual_stream(cfg.model.name)
 
-    # --- data: real identities 0..N-1, then the distractor class N
-    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
-    real, _ = limit_training(splits.train, cfg.data.max_images)
-    distractors = (
-        read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images) if cfg.distractors.uri else None
-    )
-    training = training_records(real, distractors)
-    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
-                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
-    sampler = MixedBatchSampler(
-        training, identities_per_batch=cfg.optim.identities_per_batch,
-        images_per_identity=cfg.optim.images_per_identity, distractors_per_batch=per_batch, seed=cfg.run.seed,
-        rank=rank, world_size=world,
-    )  # fmt: skip
-    steps = len(sampler)
-    if steps == 0:
-        raise ValueError(
-            f"{cfg.data.uri}: {training.num_real} training images of {training.num_classes} identities give no full "
-            f"batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on {world} workers"
-        )
+    # --- data: real identities 0..N-1, then the distractor class N (the training set the preflight checked)
+    data = build_training_set(cfg, world_size=world, rank=rank)
+    splits, training, per_batch, sampler, steps = (data.splits, data.training, data.per_batch, data.sampler,
+                                                   data.steps_per_epoch)  # fmt: skip
     h, w = cfg.data.image_size
     if dual:
         from reid_core.guidance.faces import FaceDetector
@@ -521,12 +565,16 @@ def train_reid_loop(loop_config: dict) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+    step_loss = ReidLoss(mode=cfg.loss.mode, label_smoothing=cfg.loss.label_smoothing,
+                         triplet=0.0 if dual else cfg.loss.triplet, triplet_margin=cfg.loss.triplet_margin,
+                         group_lasso=cfg.loss.group_lasso if condenses else 0.0,
+                         face_presence=cfg.loss.face_presence if dual else 0.0)  # fmt: skip
 
     # --- resume: the run's newest checkpoint (masks and condensing stages are buffers: restored too)
     start_epoch = 0
     checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
-        meta, checkpoint = restore_engines(checkpoint, {"model": engine}, world_size=world)
+        meta, checkpoint = restore_engines(checkpoint, {REID_MODEL: engine}, world_size=world)
         start_epoch = meta["epoch"] + 1
         log.info("rank %d resumed from epoch %d (%s)", rank, meta["epoch"], checkpoint.path)
 
@@ -563,49 +611,20 @@ def train_reid_loop(loop_config: dict) -> None:
             images = batch["image"].to(device, dtype, non_blocking=True)  # from pinned memory on GPUs
             labels = batch["pid"].to(device, non_blocking=True)
             generated = is_generated[batch["index"]].to(device)
+            face = {}
             if dual:
-                has_face = batch["has_face"].to(device, non_blocking=True)
-                logits = engine(images, batch["face_crop"].to(device, dtype, non_blocking=True), has_face)
-            elif cfg.loss.triplet:
-                metric_features, logits = engine.module.forward_train(images)
-            else:
-                logits = engine(images)
-            logits = logits.float()
-            loss = reid_loss(logits, labels, generated, mode=cfg.loss.mode, label_smoothing=cfg.loss.label_smoothing)
-            total = loss
-            if cfg.loss.triplet and not dual:
-                triplet = batch_hard_triplet(metric_features, labels, generated, margin=cfg.loss.triplet_margin)
-                total = total + cfg.loss.triplet * triplet
-                sums["triplet"] += triplet.item()
-            if condenses and cfg.loss.group_lasso:
-                lasso = group_lasso_loss(engine.module)
-                total = total + cfg.loss.group_lasso * lasso
-                sums["group_lasso"] += lasso.item()
-            if dual and cfg.loss.face_presence:
-                face_loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    engine.module.face_logit(images).float(), has_face.float()
-                )
-                total = total + cfg.loss.face_presence * face_loss
-                sums["face_presence_loss"] += face_loss.item()
-            losses = {"loss": loss.item(), "total_loss": total.item()}
-            stop = non_finite_losses(losses, rank=rank, world=world, epoch=epoch, step=step)
-            if stop is not None:  # before the update: a NaN gradient step would only spread it into the weights
+                face = {"face_crop": batch["face_crop"].to(device, dtype, non_blocking=True),
+                        "has_face": batch["has_face"].to(device, non_blocking=True)}  # fmt: skip
+            out, stop = reid_step(engine, images, labels, generated, num_classes=training.num_classes, loss=step_loss,
+                                  check=partial(non_finite_losses, rank=rank, world=world, epoch=epoch, step=step),
+                                  **face)  # fmt: skip
+            if stop is not None:  # nothing was updated
                 _stop_training(stop, rank=rank, epoch_log=epoch_log, flush_seconds=cfg.tracking.flush_seconds,
                                mlflow_uri=mlflow_uri, run_id=run_id, attempt=loop_config.get("attempt"))  # fmt: skip
                 return
-            engine.backward(total)
-            engine.step()
-
-            with torch.no_grad():
-                real = ~generated
-                predicted = logits[:, : training.num_classes].argmax(1)
-                sums["loss"] += losses["loss"]
-                sums["correct"] += float((predicted[real] == labels[real]).sum())
-                sums["real"] += float(real.sum())
-                if generated.any():
-                    sums["distractor_correct"] += float((logits.argmax(1)[generated] == training.num_classes).sum())
-                    sums["generated"] += float(generated.sum())
-                sums["skipped_images"] += float(batch["skipped"].sum())
+            for key in sums.keys() & out.keys():
+                sums[key] += out[key]
+            sums["skipped_images"] += float(batch["skipped"].sum())
         epoch_seconds = time.perf_counter() - t_epoch
 
         # Sums over ranks (equal step counts on every rank), then means.
@@ -639,7 +658,7 @@ def train_reid_loop(loop_config: dict) -> None:
             metrics.update(validate(engine.module))  # rank 0 only: the others' reports carry no val_* keys
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_engines(tmp, {"model": engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
+            save_engines(tmp, {REID_MODEL: engine}, epoch=epoch, rank=rank, world_size=world, extra=extra_meta)
             if epoch_log is not None:
                 epoch_log.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -656,17 +675,12 @@ def _validation(cfg, splits, dual: bool, device):
     """
     import copy
 
-    from reid_core.evaluation.features import evaluate_splits
+    from reid_core.evaluation.features import evaluate_splits, evaluation_face_boxes
 
     face_boxes = None
     if dual:
-        from reid_core.data.training_set import face_boxes as find_face_boxes
-        from reid_core.guidance.faces import FaceDetector
-
-        records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector.for_person_crops(workers=max(1, int(cfg.scaling.cpus_per_worker))) as detector:
-            found = find_face_boxes(records, detector)
-        face_boxes = {r: found[i] for i, r in enumerate(records)}
+        face_boxes = evaluation_face_boxes(splits.query + splits.gallery,
+                                           workers=max(1, int(cfg.scaling.cpus_per_worker)))  # fmt: skip
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         if next(model.parameters()).dtype != torch.float32:

@@ -1,4 +1,5 @@
-"""Pure training steps: no Ray, no MLflow, no ranks. The loop around them lives in ``loops.py``.
+"""Pure training steps (``gan_step``, ``reid_step``): no Ray, no MLflow, no ranks. The loops around them live in
+``loops.py``.
 
 A step drives *updaters*: anything with ``module``, ``backward(loss)`` and ``step()``. A DeepSpeed engine is one
 (its ``step()`` also zeroes the gradients); ``TorchUpdater`` wraps a plain module and optimizer the same way, so the
@@ -212,3 +213,88 @@ def gan_step(
     logs["loss_g"] = float(torch.stack(losses_g).mean())
     logs["step_seconds"] = time.perf_counter() - t0
     return logs
+
+
+@dataclass(frozen=True)
+class ReidLoss:
+    """The loss of ``reid_step``: ``reid_loss`` (distractor class or LSRO, ``label_smoothing``) plus the weighted
+    terms that apply to the model (0 = off): the batch-hard ``triplet`` (one-stream models), the CondenseNet
+    ``group_lasso`` (models with learned group convolutions) and the Dual-Stream ``face_presence`` BCE."""
+
+    mode: str = "distractor_class"
+    label_smoothing: float = 0.0
+    triplet: float = 0.0
+    triplet_margin: float = 0.3
+    group_lasso: float = 0.0
+    face_presence: float = 0.0
+
+
+def reid_step(
+    model: Updater,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generated: torch.Tensor,
+    *,
+    num_classes: int,
+    loss: ReidLoss = ReidLoss(),
+    face_crop: torch.Tensor | None = None,
+    has_face: torch.Tensor | None = None,
+    check: Callable[[dict[str, float]], str | None] | None = None,
+) -> tuple[dict[str, float], str | None]:
+    """One update of a re-ID network on real identities 0..N-1 plus the distractor class N (``num_classes`` = N).
+
+    images: (B, C, H, W) on the model's device and dtype; labels: (B,) training labels; generated: (B,) bool, the
+    distractors of the batch. face_crop, has_face: the Dual-Stream model's face stream (then it is called as
+    ``model(images, face_crop, has_face)``); None for a one-stream model.
+    check: sees {"loss", "total_loss"} before the update and returns None to go on, or a reason to stop (a
+        non-finite loss: a NaN gradient step would only spread it into the weights); then nothing is updated.
+
+    Returns (floats, the reason ``check`` gave or None). The floats: ``loss`` (``reid_loss``), ``total_loss`` (with the
+    weighted terms), ``triplet`` / ``group_lasso`` / ``face_presence_loss`` when they apply, and for the epoch's
+    accuracies ``correct`` and ``real`` (real images classified as their identity, among the N real classes; real
+    images) and, when the batch holds distractors, ``distractor_correct`` and ``generated``.
+    """
+    from reid_core.losses import batch_hard_triplet, reid_loss
+    from reid_core.models.condense import group_lasso_loss
+
+    dual = face_crop is not None
+    logs: dict[str, float] = {}
+    if dual:
+        logits = model(images, face_crop, has_face)
+    elif loss.triplet:
+        metric_features, logits = model.module.forward_train(images)
+    else:
+        logits = model(images)
+    logits = logits.float()
+    id_loss = reid_loss(logits, labels, generated, mode=loss.mode, label_smoothing=loss.label_smoothing)
+    total = id_loss
+    if loss.triplet and not dual:
+        triplet = batch_hard_triplet(metric_features, labels, generated, margin=loss.triplet_margin)
+        total = total + loss.triplet * triplet
+        logs["triplet"] = triplet.item()
+    if loss.group_lasso:
+        lasso = group_lasso_loss(model.module)
+        total = total + loss.group_lasso * lasso
+        logs["group_lasso"] = lasso.item()
+    if dual and loss.face_presence:
+        face_loss = nn.functional.binary_cross_entropy_with_logits(
+            model.module.face_logit(images).float(), has_face.float()
+        )
+        total = total + loss.face_presence * face_loss
+        logs["face_presence_loss"] = face_loss.item()
+    logs.update(loss=id_loss.item(), total_loss=total.item())
+    stop = check({"loss": logs["loss"], "total_loss": logs["total_loss"]}) if check is not None else None
+    if stop is not None:
+        return logs, stop
+    model.backward(total)
+    model.step()
+
+    with torch.no_grad():
+        real = ~generated
+        predicted = logits[:, :num_classes].argmax(1)
+        logs["correct"] = float((predicted[real] == labels[real]).sum())
+        logs["real"] = float(real.sum())
+        if generated.any():
+            logs["distractor_correct"] = float((logits.argmax(1)[generated] == num_classes).sum())
+            logs["generated"] = float(generated.sum())
+    return logs, None

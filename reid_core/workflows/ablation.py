@@ -221,11 +221,11 @@ def ablation_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: s
         if "reid.version" not in done:
             pre = pipeline.preflight_reid(reid_cfg)
             out = pipeline.run_reid(reid_cfg, pre, tags={**tags, PARENT_TAG: run_id, "ablation.role": "reid"})
-            m = out["final"]["metrics"]
+            m = out.final.metrics
             tracking.log_metrics(mlflow_uri, run_id, {k: float(m[k]) for k in METRICS}, step=reid_cfg.optim.epochs)
-            tracking.set_run_tags(mlflow_uri, run_id, {"reid.version": out["final"]["version"],
-                                                       "reid.run_id": out["run_id"]})  # fmt: skip
-            done = {"reid.version": out["final"]["version"]}
+            tracking.set_run_tags(mlflow_uri, run_id, {"reid.version": out.final.version,
+                                                       "reid.run_id": out.run_id})  # fmt: skip
+            done = {"reid.version": out.final.version}
     except BaseException:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
@@ -304,7 +304,15 @@ def absolute_locations(cfg: AblationJobConfig) -> AblationJobConfig:
                                grid=dataclasses.replace(cfg.grid, storage=fix(cfg.grid.storage)))  # fmt: skip
 
 
-def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: bool = False) -> dict:
+@dataclass(frozen=True)
+class GridPlan:
+    """What ``preflight`` checked and ``run_grid`` uses."""
+
+    mlflow_uri: str  # the MLflow server of the grid's parent run, resolved and reachable
+    settings: object  # storage.S3Settings of the grid's storage
+
+
+def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: bool = False) -> GridPlan:
     """Each recipe's re-ID stage (data, the distractor set, a pretrained checkpoint, storage, MLflow) and the grid's
     state, before Ray starts. With ``resume`` the grid ``grid.name`` must exist (``--resume``), else it must not;
     ``resume_errored`` only with ``resume``."""
@@ -321,9 +329,9 @@ def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: b
         if "none" in cfg.grid.conditions and len(cfg.grid.conditions) == 1:
             reid = dataclasses.replace(reid, distractors=dataclasses.replace(reid.distractors, uri=None))
         pres[recipe] = pipeline.preflight_reid(reid)
-    mlflow_uri = tracking.resolve_tracking_uri(cfg.tracking.uri or pres[cfg.grid.recipes[0]]["mlflow_uri"])
+    mlflow_uri = tracking.resolve_tracking_uri(cfg.tracking.uri or pres[cfg.grid.recipes[0]].mlflow_uri)
     tracking.check_server(mlflow_uri)
-    settings = pres[cfg.grid.recipes[0]]["settings"]
+    settings = pres[cfg.grid.recipes[0]].settings
     storage.check_location(cfg.grid.storage, settings)
     _, fs, experiment_path = tune_storage(cfg, settings)
     exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
@@ -333,10 +341,10 @@ def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: b
     if not resume and exists:
         raise ConfigError(f"grid.name: a grid {cfg.grid.name!r} already exists at {where}: pass --resume to continue "
                           "it, or choose another grid.name")  # fmt: skip
-    return {"mlflow_uri": mlflow_uri, "settings": settings}
+    return GridPlan(mlflow_uri=mlflow_uri, settings=settings)
 
 
-def run_grid(cfg: AblationJobConfig, pre: dict, *, resume: bool = False, resume_errored: bool = False) -> dict:
+def run_grid(cfg: AblationJobConfig, pre: GridPlan, *, resume: bool = False, resume_errored: bool = False) -> dict:
     """The grid checked by ``preflight``: its parent MLflow run (reopened with ``resume``), the Tune run, the table and
     ``report``; the parent run is FINISHED only when every trial completed. Returns {"parent_id", "rows", "complete",
     "table", "concurrent"}."""
@@ -346,7 +354,7 @@ def run_grid(cfg: AblationJobConfig, pre: dict, *, resume: bool = False, resume_
     from reid_core.runtime import init_ray_for_job
     from reid_core.workflows.search import concurrent_trials
 
-    mlflow_uri, settings = pre["mlflow_uri"], pre["settings"]
+    mlflow_uri, settings = pre.mlflow_uri, pre.settings
 
     init_ray_for_job(use_gpu=cfg.reid.scaling.use_gpu)
     s = cfg.reid.scaling

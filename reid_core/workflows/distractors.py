@@ -390,7 +390,19 @@ def load_generator(mlflow_uri: str, ref: tracking.ModelVersionRef, batch_norm: s
     return generator, z_dim
 
 
-def preflight(args: SynthesisSpec) -> dict:
+@dataclass(frozen=True)
+class SynthesisPlan:
+    """What ``preflight`` checked and loaded for ``run_synthesis``."""
+
+    mlflow_uri: str  # the MLflow server, resolved and reachable
+    ref: tracking.ModelVersionRef  # the generator's registered version
+    settings: storage.S3Settings  # S3 settings of the environment
+    to_delete: list[str]  # the previous set's files at ``--out`` (``--overwrite``), deleted before writing
+    generator: nn.Module  # the generator on the CPU in eval mode (``load_generator``)
+    z_dim: int  # its noise size
+
+
+def preflight(args: SynthesisSpec) -> SynthesisPlan:
     """Check arguments, MLflow, the model URI and the output before Ray starts; load the generator."""
     check_args(args)
     mlflow_uri = tracking.resolve_tracking_uri(args.tracking_uri)
@@ -399,16 +411,16 @@ def preflight(args: SynthesisSpec) -> dict:
     settings = storage.resolve_settings()
     to_delete = check_output(args.out, args.overwrite, settings)
     generator, z_dim = load_generator(mlflow_uri, ref, args.batch_norm)
-    return {"mlflow_uri": mlflow_uri, "ref": ref, "settings": settings, "to_delete": to_delete,
-            "generator": generator, "z_dim": z_dim}  # fmt: skip
+    return SynthesisPlan(mlflow_uri=mlflow_uri, ref=ref, settings=settings, to_delete=to_delete, generator=generator,
+                         z_dim=z_dim)  # fmt: skip
 
 
-def run_synthesis(args: SynthesisSpec, pre: dict, *, tags: dict[str, str] | None = None) -> dict:
+def run_synthesis(args: SynthesisSpec, pre: SynthesisPlan, *, tags: dict[str, str] | None = None) -> dict:
     """Write the set checked by ``preflight`` and record it in an MLflow run (``tags`` added to the run's).
 
     Returns {"run_id", "metadata" (the set's distractors.json), "mode" (in-process or Ray), "ref"}.
     """
-    mlflow_uri, ref, settings, z_dim = pre["mlflow_uri"], pre["ref"], pre["settings"], pre["z_dim"]
+    mlflow_uri, ref, settings, z_dim = pre.mlflow_uri, pre.ref, pre.settings, pre.z_dim
     run_name = args.run_name or f"distractors-{ref.name}-v{ref.version}-n{args.num_images}-s{args.seed}"
     params = {
         "model_uri": args.model,
@@ -428,10 +440,10 @@ def run_synthesis(args: SynthesisSpec, pre: dict, *, tags: dict[str, str] | None
     run_id = tracking.start_run(mlflow_uri, args.experiment, run_name, params, tags=tags)
     try:
         tracking.log_model_version_input(mlflow_uri, run_id, ref)
-        if pre["to_delete"]:
-            log.info("--overwrite: deleting the %d objects of the previous set at %s", len(pre["to_delete"]), args.out)
-            storage.delete_files(pre["to_delete"], settings)
-        summary = synthesize(args, pre["generator"], z_dim, settings)
+        if pre.to_delete:
+            log.info("--overwrite: deleting the %d objects of the previous set at %s", len(pre.to_delete), args.out)
+            storage.delete_files(pre.to_delete, settings)
+        summary = synthesize(args, pre.generator, z_dim, settings)
         metadata = finish_set(args, summary, ref, mlflow_uri, run_id, settings)
         log_set(mlflow_uri, run_id, ref, args, metadata, settings)
     except BaseException:

@@ -233,7 +233,26 @@ def load_and_probe(mlflow_uri: str, pinned_uri: str, image_size: tuple[int, int]
     return int(out.shape[1])
 
 
-def preflight(spec: EvaluationSpec) -> dict:
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What ``preflight`` checked and the evaluation uses."""
+
+    mlflow_uri: str  # the MLflow server, resolved and reachable
+    settings: storage.S3Settings  # S3 settings of the environment
+    splits: object  # data.Splits of ``--data``: the full query and gallery
+    options: dict  # the layout's options (``--layout-option``)
+    query: list  # the query records evaluated (``--max-queries`` applied)
+    gallery: list  # the gallery records evaluated (``--max-gallery`` applied)
+    answerable: int  # queries with a gallery image of their identity from another camera
+    pinned_uri: str  # the model URI to load, pinned to a version (or the ``runs:/`` URI)
+    ref: tracking.ModelVersionRef | None  # the registered version, or None for a model never registered
+    model_run_id: str | None  # the run that logged the model
+    image_size: tuple[int, int]  # the model's input (H, W)
+    dual: bool  # a Dual-Stream model (6 input channels: person + face crop)
+    feature_dim: int  # D of the model's (N, D) features
+
+
+def preflight(spec: EvaluationSpec) -> EvaluationPlan:
     """Check arguments, dataset, MLflow and the model before Ray starts."""
     options = check_spec(spec)  # before the imports of torch: a typo is refused at once
 
@@ -255,9 +274,9 @@ def preflight(spec: EvaluationSpec) -> dict:
     shape = tracking.model_input_shape(mlflow_uri, pinned_uri)
     image_size, dual = model_input(shape, spec.image_size, pinned_uri)
     feature_dim = load_and_probe(mlflow_uri, pinned_uri, image_size, dual)
-    return {"mlflow_uri": mlflow_uri, "settings": settings, "splits": splits, "options": options, "query": query,
-            "gallery": gallery, "answerable": answerable, "pinned_uri": pinned_uri, "ref": ref, "model_run_id": run_id,
-            "image_size": image_size, "dual": dual, "feature_dim": feature_dim}  # fmt: skip
+    return EvaluationPlan(mlflow_uri=mlflow_uri, settings=settings, splits=splits, options=options, query=query,
+                          gallery=gallery, answerable=answerable, pinned_uri=pinned_uri, ref=ref, model_run_id=run_id,
+                          image_size=image_size, dual=dual, feature_dim=feature_dim)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ features on Ray
@@ -285,22 +304,19 @@ class FeatureWorker:
 
     def features(self, index: int, records: list) -> tuple[int, np.ndarray, int]:
         """(index, (len(records), D) float32 L2-normalised features, faces found: Dual-Stream only, else -1)."""
-        from reid_core.evaluation.features import extract_features
+        from reid_core.evaluation.features import evaluation_face_boxes, extract_features
 
         boxes, faces = None, -1
         if self.dual:
-            from reid_core.data.training_set import face_boxes
-
-            found = face_boxes(records, self.detector, settings=self.settings)
-            boxes = {r: found[i] for i, r in enumerate(records)}
-            faces = sum(1 for b in found.values() if b is not None)
+            boxes = evaluation_face_boxes(records, detector=self.detector, settings=self.settings)
+            faces = sum(1 for r in records if boxes[r] is not None)
         feats, _, _ = extract_features(self.model, records, image_size=self.image_size, batch_size=self.batch_size,
                                        flip=self.flip, face_boxes=boxes, face_size=self.image_size[0],
                                        settings=self.settings)  # fmt: skip
         return index, feats.numpy(), faces
 
 
-def extract_on_ray(records: list, *, spec: EvaluationSpec, pre: dict) -> tuple[np.ndarray, dict]:
+def extract_on_ray(records: list, *, spec: EvaluationSpec, pre: EvaluationPlan) -> tuple[np.ndarray, dict]:
     """Features of ``records`` (N, D) float32 in record order, from a pool of Ray actors; and what ran where."""
     import ray
     from ray.util import ActorPool
@@ -316,7 +332,7 @@ def extract_on_ray(records: list, *, spec: EvaluationSpec, pre: dict) -> tuple[n
              spec.chunk_size, workers, spec.cpus_per_worker, ", flip-averaged" if spec.flip else "")  # fmt: skip
     actor = ray.remote(num_cpus=spec.cpus_per_worker, max_restarts=2, max_task_retries=2)(FeatureWorker)
     actors = [
-        actor.remote(pre["mlflow_uri"], pre["pinned_uri"], image_size=pre["image_size"], dual=pre["dual"],
+        actor.remote(pre.mlflow_uri, pre.pinned_uri, image_size=pre.image_size, dual=pre.dual,
                      batch_size=spec.batch_size, flip=spec.flip, threads=spec.cpus_per_worker)
         for _ in range(workers)
     ]  # fmt: skip
@@ -340,11 +356,11 @@ def extract_on_ray(records: list, *, spec: EvaluationSpec, pre: dict) -> tuple[n
     if any(o is None for o in out):
         raise RuntimeError("internal error: a chunk of features is missing")
     feats = np.concatenate(out)
-    if feats.shape != (len(records), pre["feature_dim"]):
-        raise RuntimeError(f"features of shape {feats.shape}, expected {(len(records), pre['feature_dim'])}")
+    if feats.shape != (len(records), pre.feature_dim):
+        raise RuntimeError(f"features of shape {feats.shape}, expected {(len(records), pre.feature_dim)}")
     seconds = time.perf_counter() - t0
     return feats, {"workers": workers, "chunks": len(chunks), "seconds": seconds,
-                   "faces": faces if pre["dual"] else None}  # fmt: skip
+                   "faces": faces if pre.dual else None}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ metrics, pictures
@@ -394,34 +410,34 @@ def ranked_lists_picture(feats: np.ndarray, query: list, gallery: list, result, 
     return ranked_lists_page(figures)
 
 
-def log_results(spec, pre: dict, run_id: str, metrics: dict, results: dict, feats: np.ndarray) -> dict:
+def log_results(spec, pre: EvaluationPlan, run_id: str, metrics: dict, results: dict, feats: np.ndarray) -> dict:
     """Metrics, the CMC curve and the ranked-list page to the run; returns the artifact paths."""
     from reid_core.viz import cmc_curve_png
 
-    uri = pre["mlflow_uri"]
+    uri = pre.mlflow_uri
     tracking.log_metrics(uri, run_id, metrics, step=0)
     pictures = {}
     curves = {"original": results["plain"].cmc}
     if results["rerank"] is not None:
         curves["re-ranked"] = results["rerank"].cmc
     with tempfile.TemporaryDirectory() as tmp:
-        title = f"CMC: {pre['pinned_uri']} on {dataset_short_name(spec.data, spec.dataset_name)}"
+        title = f"CMC: {pre.pinned_uri} on {dataset_short_name(spec.data, spec.dataset_name)}"
         path = cmc_curve_png(curves, Path(tmp) / "cmc.png", title=title)
         tracking.log_artifact_file(uri, run_id, path, "plots")
         pictures["cmc"] = "plots/cmc.png"
     if spec.ranked_lists:
-        page = ranked_lists_picture(feats, pre["query"], pre["gallery"], results["plain"], count=spec.ranked_lists,
-                                    metric=spec.metric, settings=pre["settings"])  # fmt: skip
+        page = ranked_lists_picture(feats, pre.query, pre.gallery, results["plain"], count=spec.ranked_lists,
+                                    metric=spec.metric, settings=pre.settings)  # fmt: skip
         tracking.log_png(uri, run_id, page, "plots/ranked_lists.png")
         pictures["ranked_lists"] = "plots/ranked_lists.png"
     return pictures
 
 
-def version_tags(short: str, metrics: dict, *, run_id: str, spec, pre: dict) -> dict:
+def version_tags(short: str, metrics: dict, *, run_id: str, spec, pre: EvaluationPlan) -> dict:
     """Tags ``eval.<short>.*`` for the model version: the headline metrics (rounded to 1e-6) and what they mean."""
-    splits = pre["splits"]
-    full = len(pre["query"]) == len(splits.query) and len(pre["gallery"]) == len(splits.gallery)
-    subset = "full" if full else (f"{len(pre['query'])} of {len(splits.query)} queries, {len(pre['gallery'])} of "
+    splits = pre.splits
+    full = len(pre.query) == len(splits.query) and len(pre.gallery) == len(splits.gallery)
+    subset = "full" if full else (f"{len(pre.query)} of {len(splits.query)} queries, {len(pre.gallery)} of "
                                   f"{len(splits.gallery)} gallery images")  # fmt: skip
     keys = [f"rank{k}" for k in CMC_RANKS] + ["mAP", "mINP"]
     keys += [f"rerank.{k}" for k in keys] if spec.rerank else []
@@ -444,32 +460,32 @@ def bad_image(exc: BaseException):
     return exc if isinstance(exc, BadImageError) and cause is None else None
 
 
-def run_evaluation(spec: EvaluationSpec, pre: dict) -> dict:
+def run_evaluation(spec: EvaluationSpec, pre: EvaluationPlan) -> dict:
     """The MLflow run: features on Ray, metrics, pictures and the model version's tags. Returns what the summary
     prints. ``EvaluationError`` when an image cannot be read (the run is FAILED); any other failure propagates, the
     run FAILED too."""
-    uri, ref, query, gallery = pre["mlflow_uri"], pre["ref"], pre["query"], pre["gallery"]
+    uri, ref, query, gallery = pre.mlflow_uri, pre.ref, pre.query, pre.gallery
     short = dataset_short_name(spec.data, spec.dataset_name)
     if spec.layout == "flima":
         log.info("FLIMA: retrieval metrics of the held-out session's query/gallery split; ID precision / recall / F1 "
                  "need the identity classifier, which a registered feature model does not have: not reported")  # fmt: skip
-    name = f"{ref.name}-v{ref.version}" if ref else f"run-{pre['model_run_id'][:8]}"
+    name = f"{ref.name}-v{ref.version}" if ref else f"run-{pre.model_run_id[:8]}"
     run_name = spec.run_name or f"eval-{name}-{short}"
     params = {
         "model_uri": spec.model,
-        "model_uri_pinned": pre["pinned_uri"],
+        "model_uri_pinned": pre.pinned_uri,
         "model_name": ref.name if ref else "",
         "model_version": ref.version if ref else "",
-        "model_run_id": pre["model_run_id"] or "",
+        "model_run_id": pre.model_run_id or "",
         "data.uri": spec.data,
         "data.layout": spec.layout,
-        "data.options": pre["options"],
+        "data.options": pre.options,
         "dataset": short,
         "num_queries": len(query),
         "num_gallery": len(gallery),
-        "image_size": "x".join(map(str, pre["image_size"])),
-        "dual_stream": pre["dual"],
-        "feature_dim": pre["feature_dim"],
+        "image_size": "x".join(map(str, pre.image_size)),
+        "dual_stream": pre.dual,
+        "feature_dim": pre.feature_dim,
         "metric": spec.metric,
         "max_rank": spec.max_rank,
         "flip": spec.flip,
@@ -488,9 +504,7 @@ def run_evaluation(spec: EvaluationSpec, pre: dict) -> dict:
         if ref is not None:
             tracking.log_model_version_input(uri, run_id, ref)
         else:
-            tracking.set_run_tags(
-                uri, run_id, {"input_model.uri": spec.model, "input_model.run_id": pre["model_run_id"]}
-            )
+            tracking.set_run_tags(uri, run_id, {"input_model.uri": spec.model, "input_model.run_id": pre.model_run_id})
         feats, extraction = extract_on_ray(query + gallery, spec=spec, pre=pre)
         if extraction["faces"] is not None:
             log.info("Dual-Stream: faces in %d of %d images", extraction["faces"], len(feats))

@@ -174,20 +174,11 @@ def training_failure(exc: Exception, run, settings=None) -> str:
 # ------------------------------------------------------------------------------------------------------------ GAN
 def preflight_gan(cfg: GanJobConfig) -> tuple[str, int]:
     """Check the dataset, checkpoint storage and MLflow before Ray starts. Returns (MLflow URI, images in split)."""
-    from reid_core.data import read_layout
+    from reid_core.train.loops import gan_records
 
     settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
     storage.check_location(cfg.data.uri, settings, must_exist=True)
-    splits = read_layout(cfg.data.uri, cfg.data.layout)
-    records = getattr(splits, cfg.data.split, None)
-    if not records:
-        raise ConfigError(f"data.split: {cfg.data.uri} has no {cfg.data.split!r} images")
-    n = min(len(records), cfg.data.max_images or len(records))
-    if n // cfg.scaling.num_workers < cfg.optim.batch_size:
-        raise ConfigError(
-            f"optim.batch_size: {n} images on {cfg.scaling.num_workers} workers give no full batch of "
-            f"{cfg.optim.batch_size} per worker"
-        )
+    n = len(gan_records(cfg, world_size=cfg.scaling.num_workers))
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
@@ -232,14 +223,9 @@ def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoi
     import torch
 
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import read_meta
+    from reid_core.train.checkpoint import GENERATOR, load_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = checkpoint.to_directory(tmp)
-        meta = read_meta(directory)
-        gen = build_model("dcgan_generator", **meta["model"])
-        gen.load_state_dict(torch.load(Path(directory) / "generator.pt", map_location="cpu", weights_only=True))
-    gen.eval()
+    gen, meta = load_model(checkpoint, GENERATOR, lambda meta: build_model("dcgan_generator", **meta["model"]))
     z = torch.randn(4, meta["model"]["z_dim"], generator=torch.Generator().manual_seed(0))
     return tracking.log_and_register_pytorch_model(
         mlflow_uri, run_id, gen, name="generator", registered_model=cfg.tracking.registered_model,
@@ -250,44 +236,61 @@ def register_generator(cfg: GanJobConfig, mlflow_uri: str, run_id: str, checkpoi
 
 
 # ------------------------------------------------------------------------------------------------------------ re-ID
-def preflight_reid(cfg: ReidJobConfig) -> dict:
+@dataclass(frozen=True)
+class ReidPlan:
+    """What ``preflight_reid`` checked and ``run_reid`` uses."""
+
+    mlflow_uri: str  # the MLflow server, resolved and reachable
+    settings: Any  # storage.S3Settings of the job's ``storage`` section
+    splits: Any  # data.Splits of ``data.uri``: train, query, gallery
+    pid_map: dict  # original identity -> training label 0..N-1 (``limit_training``)
+    training: Any  # data.training_set.TrainingSet: the real records, then the distractor class
+    distractors: Any  # data.training_set.DistractorSet of ``distractors.uri``, or None
+    per_batch: int  # distractors in each batch
+    steps_per_epoch: int  # full batches per worker and epoch
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """What ``finalize`` made of the trained model."""
+
+    metrics: dict  # retrieval (and FLIMA ID) metrics, FLOPs, parameters, the conversion's difference
+    version: str  # the registered model version
+    converted: bool  # whether the CondenseNet was converted to its deployment form
+    exports: list  # the exported files' names (TorchScript, ONNX when it exported)
+    seconds: float  # conversion + evaluation + registration
+
+
+@dataclass(frozen=True)
+class ReidResult:
+    """What ``run_reid`` returns."""
+
+    run_id: str  # the MLflow run of the training
+    final: FinalModel
+    checkpoint: Any  # ray.train.Checkpoint of the last epoch
+    last_metrics: dict  # the last epoch's reported metrics
+    fit_seconds: float  # seconds in ``TorchTrainer.fit``
+
+
+def preflight_reid(cfg: ReidJobConfig) -> ReidPlan:
     """Check the dataset, the distractor set, checkpoint storage and MLflow before Ray starts."""
-    from reid_core.data import RandomIdentitySampler, read_layout
-    from reid_core.data.training_set import (
-        distractors_per_batch,
-        limit_training,
-        read_distractor_set,
-        training_records,
-    )
+    from reid_core.train.loops import build_training_set
 
     settings = storage.resolve_settings(cfg.storage.endpoint_url, cfg.storage.region)
     storage.check_location(cfg.data.uri, settings, must_exist=True)
-    splits = read_layout(cfg.data.uri, cfg.data.layout, **cfg.data.options)
-    real, pid_map = limit_training(splits.train, cfg.data.max_images)
-    distractors = None
     if cfg.distractors.uri:
         storage.check_location(cfg.distractors.uri, settings, must_exist=True)
-        distractors = read_distractor_set(cfg.distractors.uri, max_images=cfg.distractors.max_images, settings=settings)
-    training = training_records(real, distractors)
-    batches = len(RandomIdentitySampler(training.real, batch_size=cfg.batch_size,
-                                        num_instances=cfg.optim.images_per_identity,
-                                        world_size=cfg.scaling.num_workers)) // cfg.batch_size  # fmt: skip
-    if batches == 0:
-        raise ConfigError(
-            f"optim.identities_per_batch: {training.num_real} training images of {training.num_classes} identities "
-            f"give no full batch of {cfg.optim.identities_per_batch}×{cfg.optim.images_per_identity} per worker on "
-            f"{cfg.scaling.num_workers} workers"
-        )
-    per_batch = distractors_per_batch(batch_size=cfg.batch_size, num_real=training.num_real,
-                                      num_generated=training.num_generated, per_batch=cfg.distractors.per_batch)  # fmt: skip
+    data = build_training_set(cfg, world_size=cfg.scaling.num_workers, settings=settings)
+    training = data.training
     if cfg.model.pretrained:  # read and matched against the model here, so a wrong checkpoint costs no cluster time
         check_pretrained(cfg, training.num_classes, settings)
     storage.check_location(cfg.run.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_server(uri)
     check_cluster_resources(cfg.scaling)
-    return {"mlflow_uri": uri, "splits": splits, "pid_map": pid_map, "training": training, "distractors": distractors,
-            "per_batch": per_batch, "steps_per_epoch": batches, "settings": settings}  # fmt: skip
+    return ReidPlan(mlflow_uri=uri, settings=settings, splits=data.splits, pid_map=data.pid_map, training=training,
+                    distractors=data.distractors, per_batch=data.per_batch,
+                    steps_per_epoch=data.steps_per_epoch)  # fmt: skip
 
 
 def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
@@ -307,52 +310,46 @@ def check_pretrained(cfg: ReidJobConfig, num_classes: int, settings) -> None:
     load_pretrained(build_model(cfg.model.name, **kwargs), state, uri=f"model.pretrained: {cfg.model.pretrained}")
 
 
-def run_reid(cfg: ReidJobConfig, pre: dict, *, tags: dict[str, str] | None = None, callbacks=None) -> dict:
+def run_reid(cfg: ReidJobConfig, pre: ReidPlan, *, tags: dict[str, str] | None = None, callbacks=None) -> ReidResult:
     """Train the re-ID model of ``cfg`` (checked by ``preflight_reid``, whose result is ``pre``) on Ray Train, then
     convert, evaluate, register and export it (``finalize``).
 
     The MLflow run is named ``cfg.run.name`` (continued when it exists: Ray resumes from its last checkpoint). ``tags``
     are added to a new run; ``callbacks`` go to the trainer's ``RunConfig``. The registered version gets the alias
-    ``cfg.tracking.alias`` (none when it is None). Returns {"run_id", "final" (``finalize``'s result), "checkpoint",
-    "last_metrics", "fit_seconds"}.
+    ``cfg.tracking.alias`` (none when it is None).
     """
     from reid_core.train.loops import train_reid_loop
 
-    mlflow_uri, training = pre["mlflow_uri"], pre["training"]
+    mlflow_uri, training = pre.mlflow_uri, pre.training
     params = {**flatten(to_dict(cfg)), "data.num_train_images": training.num_real,
               "data.num_train_ids": training.num_classes, "distractors.num_images": training.num_generated,
-              "distractors.per_batch_used": pre["per_batch"], "steps_per_epoch": pre["steps_per_epoch"]}  # fmt: skip
+              "distractors.per_batch_used": pre.per_batch, "steps_per_epoch": pre.steps_per_epoch}  # fmt: skip
     run_tags = {"job": "train_reid", "model": cfg.model.name, "loss.mode": cfg.loss.mode,
                 "distractors": "yes" if training.num_generated else "no"}  # fmt: skip
-    if pre["distractors"] is not None:
-        generator = pre["distractors"].metadata.get("generator") or {}
+    if pre.distractors is not None:
+        generator = pre.distractors.metadata.get("generator") or {}
         run_tags.update({"distractors.uri": cfg.distractors.uri,
                          "distractors.generator": generator.get("pinned_uri", "unknown")})  # fmt: skip
     run_id, result, fit_seconds = _train(train_reid_loop, cfg, mlflow_uri, params=params, tags={**run_tags, **(tags or {})},
-                                         settings=pre["settings"], callbacks=callbacks)  # fmt: skip
+                                         settings=pre.settings, callbacks=callbacks)  # fmt: skip
     try:
         final = finalize(cfg, pre, mlflow_uri, run_id, result.checkpoint)
     except Exception:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
     tracking.set_terminated(mlflow_uri, run_id, "FINISHED")
-    return {"run_id": run_id, "final": final, "checkpoint": result.checkpoint,
-            "last_metrics": dict(result.metrics or {}), "fit_seconds": fit_seconds}  # fmt: skip
+    return ReidResult(run_id=run_id, final=final, checkpoint=result.checkpoint,
+                      last_metrics=dict(result.metrics or {}), fit_seconds=fit_seconds)  # fmt: skip
 
 
 def load_trained_model(checkpoint):
-    """(model in eval mode, checkpoint meta) from the checkpoint's plain weights (``model.pt``; world-size free)."""
-    import torch
-
+    """(model in eval mode, checkpoint meta) from the checkpoint's plain weights (``checkpoint.load_model``)."""
     from reid_core.models import build_model
-    from reid_core.train.checkpoint import read_meta
+    from reid_core.train.checkpoint import REID_MODEL, load_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = checkpoint.to_directory(tmp)
-        meta = read_meta(directory)
-        model = build_model(meta["model"]["name"], **meta["model"]["kwargs"])
-        model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), meta
+    return load_model(
+        checkpoint, REID_MODEL, lambda meta: build_model(meta["model"]["name"], **meta["model"]["kwargs"])
+    )
 
 
 def count_flops(model, example) -> int:
@@ -426,8 +423,8 @@ def export_onnx(feature_model, example, path: Path) -> None:
                            f"{np.abs(got - expected).max():.2e})")  # fmt: skip
 
 
-def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkpoint) -> dict:
-    """Convert, check, evaluate, count, log, register and export the final model. Returns what the summary prints."""
+def finalize(cfg: ReidJobConfig, pre: ReidPlan, mlflow_uri: str, run_id: str, checkpoint) -> FinalModel:
+    """Convert, check, evaluate, count, log, register and export the final model."""
     import torch
 
     from reid_core.evaluation.features import (
@@ -435,23 +432,18 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
         FeatureModel,
         classify_identities,
         evaluate_splits,
+        evaluation_face_boxes,
     )
 
     t0 = time.perf_counter()
-    splits, settings = pre["splits"], pre["settings"]
+    splits, settings = pre.splits, pre.settings
     model, meta = load_trained_model(checkpoint)
     h, w = meta["image_size"]
     dual = is_dual_stream(meta["model"]["name"])
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     face_boxes = None
     if dual:
-        from reid_core.data.training_set import face_boxes as find_face_boxes
-        from reid_core.guidance.faces import FaceDetector
-
-        records = list(dict.fromkeys(splits.query + splits.gallery))
-        with FaceDetector.for_person_crops(workers=None) as detector:
-            found = find_face_boxes(records, detector, settings=settings)
-        face_boxes = {r: found[i] for i, r in enumerate(records)}
+        face_boxes = evaluation_face_boxes(splits.query + splits.gallery, settings=settings)
         example = torch.randn(2, 6, h, h, generator=torch.Generator().manual_seed(0))
         example[1, 3:] = 0  # the second example has no face
         deploy, stages, diff = model, 0, 0.0
@@ -468,7 +460,7 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
     metrics, _ = evaluate_splits(deploy.to(device), splits.query, splits.gallery, flip=cfg.eval.flip,
                                  metric=cfg.eval.metric, max_rank=cfg.eval.max_rank, **common)  # fmt: skip
     if cfg.data.layout == "flima":
-        result = classify_identities(deploy, splits.query + splits.gallery, pid_map=pre["pid_map"], **common)
+        result = classify_identities(deploy, splits.query + splits.gallery, pid_map=pre.pid_map, **common)
         metrics.update(result.summary())
     deploy.cpu()
     metrics.update(
@@ -491,8 +483,8 @@ def finalize(cfg: ReidJobConfig, pre: dict, mlflow_uri: str, run_id: str, checkp
               "output": "L2-normalised features (N, D)"},
     )  # fmt: skip
     exports = export_artifacts(mlflow_uri, run_id, feature_model, example)
-    return {"metrics": metrics, "version": version, "converted": converted, "exports": exports,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return FinalModel(metrics=metrics, version=version, converted=converted, exports=exports,
+                      seconds=time.perf_counter() - t0)  # fmt: skip
 
 
 def export_artifacts(mlflow_uri: str, run_id: str, feature_model, example) -> list[str]:

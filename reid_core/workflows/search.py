@@ -181,10 +181,10 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
             pre = pipeline.preflight_reid(reid_cfg)
             out = pipeline.run_reid(reid_cfg, pre, tags={**stage_tags, "tune.role": "reid"},
                                     callbacks=[ValidationReport({"run_id": run_id})])  # fmt: skip
-            m = out["final"]["metrics"]
+            m = out.final.metrics
             final = {k: float(m[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
             tracking.log_metrics(mlflow_uri, run_id, final, step=reid_cfg.optim.epochs)
-            done["reid.version"], done["reid.run_id"] = out["final"]["version"], out["run_id"]
+            done["reid.version"], done["reid.run_id"] = out.final.version, out.run_id
             # The version's tags first: the trial's "reid.version" tag marks the stage as done for a restarted trial,
             # so nothing of the stage may come after it (a driver killed in between would leave the version untagged).
             tracking.set_model_version_tags(mlflow_uri, reid_cfg.tracking.registered_model, done["reid.version"],
@@ -193,7 +193,7 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
                                              "tune.trial_id": trial_id})  # fmt: skip
             tracking.set_run_tags(mlflow_uri, run_id, {"reid.version": done["reid.version"],
                                                        "reid.model": reid_cfg.tracking.registered_model,
-                                                       "reid.run_id": out["run_id"]})  # fmt: skip
+                                                       "reid.run_id": out.run_id})  # fmt: skip
     except BaseException:
         tracking.set_terminated(mlflow_uri, run_id, "FAILED")
         raise
@@ -306,7 +306,15 @@ def absolute_locations(cfg: TuneJobConfig) -> TuneJobConfig:
     )  # fmt: skip
 
 
-def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SearchPlan:
+    """What ``preflight`` checked and ``run_search`` uses."""
+
+    mlflow_uri: str  # the MLflow server of the search's parent run, resolved and reachable
+    settings: object  # storage.S3Settings of the search's storage
+
+
+def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool = False) -> SearchPlan:
     """Check both training stages' data, storage and MLflow, the synthesis output and the search's state before Ray
     starts. The re-ID stage is checked without distractors (each trial makes its own set). With ``resume`` the search
     ``search.name`` must exist (``--resume``), else it must not; ``resume_errored`` only with ``resume``."""
@@ -332,17 +340,17 @@ def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool 
     if not resume and exists:
         raise ConfigError(f"search.name: a search {s.name!r} already exists at {where}: pass --resume to continue it, "
                           "or choose another search.name")  # fmt: skip
-    return {"mlflow_uri": uri, "settings": settings}
+    return SearchPlan(mlflow_uri=uri, settings=settings)
 
 
-def run_search(cfg: TuneJobConfig, pre: dict, *, resume: bool = False, resume_errored: bool = False) -> dict:
+def run_search(cfg: TuneJobConfig, pre: SearchPlan, *, resume: bool = False, resume_errored: bool = False) -> dict:
     """The search checked by ``preflight``: its parent MLflow run (reopened with ``resume``), the Tune run, the results
     table, heat maps and the best trial's alias (``report``). Returns {"parent_id", "rows", "best", "concurrent"}."""
     import ray
 
     from reid_core.runtime import init_ray_for_job
 
-    mlflow_uri, settings = pre["mlflow_uri"], pre["settings"]
+    mlflow_uri, settings = pre.mlflow_uri, pre.settings
     init_ray_for_job(use_gpu=cfg.gan.scaling.use_gpu or cfg.reid.scaling.use_gpu)
     needs = trial_resources(cfg)
     cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
