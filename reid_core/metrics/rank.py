@@ -348,10 +348,10 @@ def _path_costs(num_gallery: int) -> tuple[float, float, float, float]:
     return tuple(m if c is None else c for c, m in zip(overrides, measured, strict=True))
 
 
-# Stride of the sample that estimates how much of the row lies below each positive.
-_SAMPLE_STRIDE = 64
+# Items per row in the strided sample that estimates how much of the row lies below each positive.
+_SAMPLE_SIZE = 128
 # Rows whose values are sorted whole are copied into a per-thread buffer and sorted this many items at a time.
-_SORT_BLOCK_ELEMENTS = 2**20
+_SORT_BLOCK_ELEMENTS = 2**18
 # Tasks per thread and chunk: each ranks a block of the chunk's rows (several per thread balance the load).
 _TASKS_PER_THREAD = 4
 
@@ -384,7 +384,7 @@ def _counting_plan(
     """Per row, the fastest exact way to rank its positives, predicted from a strided sample of the row.
 
     Args:
-        sample: (b, S) every ``_SAMPLE_STRIDE``-th distance of each row.
+        sample: (b, S) a strided sample of each row's distances (about ``_SAMPLE_SIZE`` of them).
         thresholds: (b, M) the positives' distances, increasing, +inf as padding.
         num_pos: (b,) positives per row.
         costs: ``_path_costs`` of the gallery size.
@@ -460,7 +460,8 @@ def _rank_rows(
         )
         junk_below = np.count_nonzero(junk_dist[:, None, :] < thresholds[:, :, None], axis=2)
 
-    sample = dist[rows[:, None], np.arange(0, num_gallery, _SAMPLE_STRIDE)[None, :]]
+    sample = dist[:, :: max(1, num_gallery // _SAMPLE_SIZE)]
+    sample = sample[rows] if rows.size < dist.shape[0] else sample
     sorted_count, whole_row = _counting_plan(sample, thresholds, num_pos, costs)
     below = np.zeros(thresholds.shape, dtype=np.int64)  # items, junk included, strictly below each positive
     tied = np.zeros(thresholds.shape, dtype=bool)  # another item at exactly the positive's distance
@@ -478,6 +479,7 @@ def _rank_rows(
         next_value = np.take_along_axis(values, np.minimum(found + 1, num_gallery - 1), axis=1)
         tied[w] = (found + 1 < num_gallery) & (next_value == thresholds[w])
 
+    at_or_below = np.zeros(thresholds.shape, dtype=np.int64)  # the same, at or below (rows not sorted whole)
     for r in np.flatnonzero(~whole_row):
         row = dist[rows[r]]
         t = thresholds[r]
@@ -485,12 +487,12 @@ def _rank_rows(
         if cut:
             values = np.compress(row <= t[cut - 1], row)  # much faster than boolean-mask indexing
             values.sort()
-            found = values.searchsorted(t[:cut])
-            below[r, :cut] = found
-            tied[r, :cut] = (found + 1 < values.size) & (values[np.minimum(found + 1, values.size - 1)] == t[:cut])
+            below[r, :cut] = values.searchsorted(t[:cut])
+            at_or_below[r, :cut] = values.searchsorted(t[:cut], side="right")
         for j in range(cut, int(num_pos[r])):  # two comparison passes per positive beyond the cut
             below[r, j] = np.count_nonzero(row < t[j])
-            tied[r, j] = np.count_nonzero(row == t[j]) > 1
+            at_or_below[r, j] = below[r, j] + np.count_nonzero(row == t[j])
+    tied |= at_or_below - below > 1
 
     rank0 = below - junk_below  # kept items strictly below each positive
     many_ties = 2 * np.log2(max(num_gallery, 2))
