@@ -708,10 +708,15 @@ def evaluation_device(device: torch.device | str | None = None) -> torch.device:
 def _overlapped_distance_chunks(qp: PreparedFeatures, gp: PreparedFeatures, rows: int, device: torch.device):
     """``(start, stop, dist)`` chunks of the (Q, G) distances as CPU tensors; chunk k + 1 is computed (on
     ``device``, in a background thread) while the caller ranks chunk k, into the other of two reused CPU buffers
-    (pinned memory on CUDA, filled by a non-blocking copy). Numbers are those of ``distance_block`` on ``device``."""
+    (pinned memory on CUDA, filled by a non-blocking copy); a single chunk is computed in the calling thread.
+    Numbers are those of ``distance_block`` on ``device``."""
     num_queries, num_gallery = qp.augmented.shape[0], gp.augmented.shape[0]
     on_gpu = device.type == "cuda"
-    buffers = [torch.empty((rows, num_gallery), dtype=qp.augmented.dtype, pin_memory=on_gpu) for _ in range(2)]
+    bounds = [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+    buffers = [
+        torch.empty((rows, num_gallery), dtype=qp.augmented.dtype, pin_memory=on_gpu)
+        for _ in range(min(2, len(bounds)))
+    ]
     if on_gpu:
         qp = PreparedFeatures(qp.augmented.to(device), qp.sq_norms)
         gp = PreparedFeatures(gp.augmented.to(device), gp.sq_norms)
@@ -724,7 +729,9 @@ def _overlapped_distance_chunks(qp: PreparedFeatures, gp: PreparedFeatures, rows
             return out
         return distance_block(qp, gp, start, stop, out=buffers[k % 2])
 
-    bounds = [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+    if len(bounds) == 1:  # nothing to overlap: no producer thread (its OpenMP team costs ~5 ms to start and end)
+        yield 0, num_queries, compute(0, 0, num_queries)
+        return
     with ThreadPoolExecutor(max_workers=1) as producer:
         pending = producer.submit(compute, 0, *bounds[0])
         for k, (start, stop) in enumerate(bounds):
