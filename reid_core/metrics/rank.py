@@ -17,14 +17,15 @@ Protocol (the one torchreid's ``eval_market1501`` implements, plus mINP):
 
 How it stays fast and bounded: queries are processed in chunks of rows; each chunk's (rows, G) distances come from
 one torch matrix product (multi-threaded BLAS) into a reused buffer. The rank of every positive is then found by
-**counting** the kept gallery items before it, row by row in a thread pool, never with an argsort: depending on where
-a sample of the row says the positives lie, and on what each way costs on this machine (measured once per process and
-gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only the items up to
-some positive are gathered and sorted while the positives beyond it are counted with comparison passes, or every
-positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive is counted and
-subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are resolved by
-gallery index. Peak memory is one (rows, G) buffer plus a row per thread, never the (Q, G) matrix: at MSMT17 scale
-(11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort indices.
+**counting** the kept gallery items before it (a block of rows per thread-pool task), never with an argsort: depending
+on where a sample of the row says the positives lie, and on what each way costs on this machine (measured once per
+process and gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only
+the items up to some positive are gathered and sorted while the positives beyond it are counted with comparison
+passes, or every positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive
+is counted and subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are
+resolved by gallery index. Peak memory is one (rows, G) buffer plus 1 MiB of rows to sort per thread, never the
+(Q, G) matrix: at MSMT17 scale (11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort
+indices.
 Cost: the product plus, for random features (the worst case: positives anywhere in the list), the cheaper of a sort
 of the row (3 ns per item and core with NumPy's AVX-512 sort, 20+ ns without it) and ~0.2 ns per item and positive
 (MSMT17: ~25 positives per query); much less when positives rank high.
