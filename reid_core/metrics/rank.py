@@ -17,14 +17,15 @@ Protocol (the one torchreid's ``eval_market1501`` implements, plus mINP):
 
 How it stays fast and bounded: queries are processed in chunks of rows; each chunk's (rows, G) distances come from
 one torch matrix product (multi-threaded BLAS) into a reused buffer. The rank of every positive is then found by
-**counting** the kept gallery items before it, row by row in a thread pool, never with an argsort: depending on where
-a sample of the row says the positives lie, and on what each way costs on this machine (measured once per process and
-gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only the items up to
-some positive are gathered and sorted while the positives beyond it are counted with comparison passes, or every
-positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive is counted and
-subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are resolved by
-gallery index. Peak memory is one (rows, G) buffer plus a row per thread, never the (Q, G) matrix: at MSMT17 scale
-(11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort indices.
+**counting** the kept gallery items before it (a block of rows per thread-pool task), never with an argsort: depending
+on where a sample of the row says the positives lie, and on what each way costs on this machine (measured once per
+process and gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only
+the items up to some positive are gathered and sorted while the positives beyond it are counted with comparison
+passes, or every positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive
+is counted and subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are
+resolved by gallery index. Peak memory is one (rows, G) buffer plus 1 MiB of rows to sort per thread, never the
+(Q, G) matrix: at MSMT17 scale (11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort
+indices.
 Cost: the product plus, for random features (the worst case: positives anywhere in the list), the cheaper of a sort
 of the row (3 ns per item and core with NumPy's AVX-512 sort, 20+ ns without it) and ~0.2 ns per item and positive
 (MSMT17: ~25 positives per query); much less when positives rank high.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,8 +115,9 @@ def as_feature_tensor(feats, *, name: str) -> torch.Tensor:
     if t.shape[1] == 0:
         raise ValueError(f"{name}: features have zero dimensions (shape {tuple(t.shape)})")
     t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
-    if bool(torch.isfinite(t.sum(dim=1)).all()):  # fast path: a NaN or inf in a row makes its sum non-finite
-        return t
+    with np.errstate(over="ignore", invalid="ignore"):  # fast path: a NaN or inf anywhere makes the sum non-finite
+        if np.isfinite(t.numpy().sum()):  # (NumPy: one thread, no OpenMP barrier to wait at on a loaded machine)
+            return t
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten()[:5].tolist()
@@ -175,16 +178,31 @@ class PreparedFeatures:
 
 
 def prepare_features(feats: torch.Tensor, *, metric: str, side: str) -> PreparedFeatures:
-    sq = feats.pow(2).sum(dim=1)
-    ones = torch.ones((feats.shape[0], 1), dtype=feats.dtype)
+    """The augmented features of ``feats`` (a contiguous CPU float32/float64 tensor, see ``as_feature_tensor``).
+
+    Computed with NumPy in the calling thread: a few passes over the features, far cheaper than torch's
+    multi-threaded kernels here (each waits at an OpenMP barrier for its threads, which costs milliseconds when
+    other processes load the machine). Deterministic: the same features always give the same bits.
+    """
+    f = feats.numpy()
+    n, dim = f.shape
+    sq = np.einsum("ij,ij->i", f, f)
+    aug = np.empty((n, dim + (1 if metric == "cosine" else 2)), dtype=f.dtype)
     if metric == "cosine":
-        unit = torch.nn.functional.normalize(feats, p=2.0, dim=1)
-        aug = torch.cat([unit if side == "query" else -unit, ones], dim=1)
+        norm = np.maximum(np.sqrt(sq), f.dtype.type(1e-12))  # as torch.nn.functional.normalize(eps=1e-12)
+        np.divide(f, norm[:, None], out=aug[:, :dim])
+        if side != "query":
+            np.negative(aug[:, :dim], out=aug[:, :dim])
+        aug[:, dim] = 1.0
     elif side == "query":
-        aug = torch.cat([feats, sq.unsqueeze(1), ones], dim=1)
+        aug[:, :dim] = f
+        aug[:, dim] = sq
+        aug[:, dim + 1] = 1.0
     else:
-        aug = torch.cat([-2.0 * feats, ones, sq.unsqueeze(1)], dim=1)
-    return PreparedFeatures(aug, sq)
+        np.multiply(f, f.dtype.type(-2.0), out=aug[:, :dim])
+        aug[:, dim] = 1.0
+        aug[:, dim + 1] = sq
+    return PreparedFeatures(torch.from_numpy(aug), torch.from_numpy(sq))
 
 
 def distance_block(
@@ -331,76 +349,58 @@ def _path_costs(num_gallery: int) -> tuple[float, float, float, float]:
     return tuple(m if c is None else c for c, m in zip(overrides, measured, strict=True))
 
 
-# Stride of the sample that estimates how much of the row lies below each positive.
-_SAMPLE_STRIDE = 64
+# Items per row in the strided sample that estimates how much of the row lies below each positive.
+_SAMPLE_SIZE = 128
+# Rows whose values are sorted whole are copied into a per-thread buffer and sorted this many items at a time.
+_SORT_BLOCK_ELEMENTS = 2**18
+# Tasks per thread and chunk: each ranks a block of the chunk's rows (several per thread balance the load).
+_TASKS_PER_THREAD = 4
+
+_thread_buffers = threading.local()
 
 
-def _positive_ranks(
-    row: np.ndarray,
-    thresholds: np.ndarray,
-    pos_index: np.ndarray,
-    junk: np.ndarray,
-    junk_below: np.ndarray,
-    *,
-    sorted_count: int,
-    whole_row: bool,
-) -> np.ndarray:
-    """0-based ranks of one query's positives among its kept gallery items, by counting.
+def _sort_buffer(rows: int, num_gallery: int, dtype: np.dtype) -> np.ndarray:
+    """This thread's reused (rows, G) buffer, so that sorting a block of rows touches no fresh pages."""
+    buf = getattr(_thread_buffers, "sort", None)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != num_gallery or buf.dtype != dtype:
+        buf = _thread_buffers.sort = np.empty((rows, num_gallery), dtype=dtype)
+    return buf[:rows]
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """(k, n) real values -> (k, n) int64 keys ordered like the values rounded to float32 within a row, and by row
+    index across rows, so that one 1-D ``np.searchsorted`` searches every row at once. For estimates only: float64
+    values are rounded."""
+    x = values.astype(np.float32)
+    x += np.float32(0.0)  # -0.0 -> +0.0: equal values get equal keys
+    bits = x.view(np.int32).astype(np.int64)
+    keys = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: the larger the magnitude, the smaller
+    keys += np.arange(x.shape[0], dtype=np.int64)[:, None] << 32
+    return keys
+
+
+def _counting_plan(
+    sample: np.ndarray, thresholds: np.ndarray, num_pos: np.ndarray, costs: tuple[float, float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the fastest exact way to rank its positives, predicted from a strided sample of the row.
 
     Args:
-        row: (G,) the query's distances to the whole gallery.
-        thresholds: (P,) the positives' distances, sorted by (distance, gallery index).
-        pos_index: (P,) the positives' gallery indices, in the same order.
-        junk: (J,) gallery indices of the query's junk (same id, same camera).
-        junk_below: (P,) number of junk items strictly below each positive.
-        sorted_count: positives ``[0, sorted_count)`` are located in sorted values; the others are counted with
-            comparison passes over the row.
-        whole_row: sort the whole row's values, rather than only those at or below positive ``sorted_count - 1``.
-
-    Returns:
-        (P,) int64: ``#{g kept: d_g < t} + #{g kept: d_g == t, g < p}`` for each positive (p, t).
-    """
-    n = thresholds.shape[0]
-    below = np.empty(n, dtype=np.int64)
-    equal = np.empty(n, dtype=np.int64)
-    if sorted_count:
-        if whole_row:
-            values = row.copy()
-        else:
-            values = np.compress(row <= thresholds[sorted_count - 1], row)  # much faster than boolean-mask indexing
-        values.sort()  # NumPy's vectorised sort of values only (no indices); releases the GIL
-        head = thresholds[:sorted_count]
-        below[:sorted_count] = np.searchsorted(values, head, side="left")
-        equal[:sorted_count] = np.searchsorted(values, head, side="right") - below[:sorted_count]
-    for j in range(sorted_count, n):
-        below[j] = np.count_nonzero(row < thresholds[j])
-        equal[j] = np.count_nonzero(row == thresholds[j])
-    rank0 = below - junk_below
-    tied = np.flatnonzero(equal > 1)  # another item at exactly a positive's distance
-    if tied.size > 2 * np.log2(max(row.shape[0], 2)):  # mostly ties (e.g. identical features): one stable argsort
-        ordered = row.copy()
-        ordered[junk] = np.inf
-        position = np.empty(row.shape[0], dtype=np.int64)
-        position[np.argsort(ordered, kind="stable")] = np.arange(row.shape[0])
-        return position[pos_index]
-    for j in tied:
-        p, t = pos_index[j], thresholds[j]
-        rank0[j] += np.count_nonzero(row[:p] == t) - np.count_nonzero((junk < p) & (row[junk] == t))
-    return rank0
-
-
-def _counting_plan(dist: np.ndarray, thresholds: np.ndarray, num_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the fastest exact path of ``_positive_ranks``, predicted from a strided sample of the row.
+        sample: (b, S) a strided sample of each row's distances (about ``_SAMPLE_SIZE`` of them).
+        thresholds: (b, M) the positives' distances, increasing, +inf as padding.
+        num_pos: (b,) positives per row.
+        costs: ``_path_costs`` of the gallery size.
 
     Returns:
         sorted_count: (b,) positives to locate in sorted values (the rest are counted by comparison passes).
         whole_row: (b,) bool, sort the whole row rather than the items up to positive ``sorted_count - 1``.
     """
-    sample = np.sort(dist[:, ::_SAMPLE_STRIDE], axis=1)
-    at_or_below = torch.searchsorted(torch.from_numpy(sample), torch.from_numpy(thresholds), right=True).numpy()
-    share = at_or_below / sample.shape[1]  # (b, M) estimated share of the row at or below each positive
+    sample = np.sort(sample, axis=1)
+    b, size = sample.shape
+    found = np.searchsorted(_sortable_keys(sample).ravel(), _sortable_keys(thresholds).ravel(), side="right")
+    at_or_below = found.reshape(thresholds.shape) - np.arange(b)[:, None] * size
+    share = at_or_below / size  # (b, M) estimated share of the row at or below each positive
     width = thresholds.shape[1]
-    cost_sort, cost_gather, cost_share, cost_count = _path_costs(dist.shape[1])
+    cost_sort, cost_gather, cost_share, cost_count = costs
     after = num_pos[:, None] - 1 - np.arange(width)[None, :]  # positives after a cut at c
     cut_cost = np.where(after >= 0, cost_gather + cost_share * share + cost_count * after, np.inf)
     cut = np.argmin(cut_cost, axis=1)
@@ -411,6 +411,117 @@ def _counting_plan(dist: np.ndarray, thresholds: np.ndarray, num_pos: np.ndarray
     return sorted_count, whole_row
 
 
+def _rank_rows(
+    dist: np.ndarray,
+    q_pids: np.ndarray,
+    q_camids: np.ndarray,
+    gallery: _GalleryIndex,
+    costs: tuple[float, float, float, float],
+    first_rank: np.ndarray,
+    ap: np.ndarray,
+    inp: np.ndarray,
+) -> None:
+    """First correct rank, AP and INP of each query row of ``dist`` (k, G), written into the (k,) outputs.
+
+    Each positive's rank is the number of kept items before it, counted exactly in one of three ways chosen per row
+    from a sample (whichever is predicted fastest; all give the same result): (1) sort the values of the whole row
+    and binary-search each positive (random features: positives anywhere in the list); such rows are copied and
+    sorted a block at a time; (2) gather only the items at or below some positive c, sort those, binary-search the
+    positives up to c and count the items below each later positive with comparison passes (a trained model:
+    positives near the top, maybe one or two far down); (3) comparison passes for every positive (very few
+    positives). Junk below a positive is counted from the junk's own distances and subtracted; exact ties (another
+    item at a positive's distance: the next sorted value equals it) are resolved by gallery index.
+    """
+    gidx, positive, junk = gallery.same_identity(q_pids, q_camids)
+    num_pos = positive.sum(axis=1)
+    rows = np.flatnonzero(num_pos)
+    if rows.size == 0:
+        return
+    if rows.size < num_pos.size:
+        gidx, positive, junk, num_pos = gidx[rows], positive[rows], junk[rows], num_pos[rows]
+    num_gallery = dist.shape[1]
+    width = int(num_pos.max())
+    candidate_dist = dist[rows[:, None], gidx]
+
+    # Positives' distances sorted by (distance, gallery index): gidx increases along each row and the sort is
+    # stable, so equal distances keep gallery-index order. Non-positives become +inf and sort last (padding).
+    thresholds = np.where(positive, candidate_dist, np.inf)
+    perm = np.argsort(thresholds, axis=1, kind="stable")[:, :width]
+    thresholds = np.take_along_axis(thresholds, perm, axis=1)
+    pos_index = np.take_along_axis(gidx, perm, axis=1)
+    num_junk = junk.sum(axis=1)
+    junk_width = int(num_junk.max())
+    junk_index = np.zeros((rows.size, 0), dtype=np.int64)
+    junk_below = np.zeros(thresholds.shape, dtype=np.int64)
+    if junk_width:
+        first_junk = np.argsort(~junk, axis=1, kind="stable")[:, :junk_width]  # each row's junk, by gallery index
+        junk_index = np.take_along_axis(gidx, first_junk, axis=1)
+        junk_dist = np.where(
+            np.take_along_axis(junk, first_junk, axis=1), np.take_along_axis(candidate_dist, first_junk, axis=1), np.inf
+        )
+        junk_below = np.count_nonzero(junk_dist[:, None, :] < thresholds[:, :, None], axis=2)
+
+    sample = dist[:, :: max(1, num_gallery // _SAMPLE_SIZE)]
+    sample = sample[rows] if rows.size < dist.shape[0] else sample
+    sorted_count, whole_row = _counting_plan(sample, thresholds, num_pos, costs)
+    below = np.zeros(thresholds.shape, dtype=np.int64)  # items, junk included, strictly below each positive
+    tied = np.zeros(thresholds.shape, dtype=bool)  # another item at exactly the positive's distance
+
+    whole = np.flatnonzero(whole_row)
+    block = max(1, min(whole.size, _SORT_BLOCK_ELEMENTS // num_gallery))
+    for start in range(0, whole.size, block):
+        w = whole[start : start + block]
+        values = _sort_buffer(w.size, num_gallery, dist.dtype)
+        np.take(dist, rows[w], axis=0, out=values, mode="clip")
+        values.sort(axis=1)  # NumPy's vectorised sort of values only (no indices); releases the GIL
+        for i, r in enumerate(w):
+            below[r] = values[i].searchsorted(thresholds[r])  # +inf padding: G
+        found = below[w]
+        next_value = np.take_along_axis(values, np.minimum(found + 1, num_gallery - 1), axis=1)
+        tied[w] = (found + 1 < num_gallery) & (next_value == thresholds[w])
+
+    at_or_below = np.zeros(thresholds.shape, dtype=np.int64)  # the same, at or below (rows not sorted whole)
+    for r in np.flatnonzero(~whole_row):
+        row = dist[rows[r]]
+        t = thresholds[r]
+        cut = int(sorted_count[r])
+        if cut:
+            values = np.compress(row <= t[cut - 1], row)  # much faster than boolean-mask indexing
+            values.sort()
+            below[r, :cut] = values.searchsorted(t[:cut])
+            at_or_below[r, :cut] = values.searchsorted(t[:cut], side="right")
+        for j in range(cut, int(num_pos[r])):  # two comparison passes per positive beyond the cut
+            below[r, j] = np.count_nonzero(row < t[j])
+            at_or_below[r, j] = below[r, j] + np.count_nonzero(row == t[j])
+    tied |= at_or_below - below > 1
+
+    rank0 = below - junk_below  # kept items strictly below each positive
+    many_ties = 2 * np.log2(max(num_gallery, 2))
+    for r in np.flatnonzero(tied.any(axis=1)):
+        row = dist[rows[r]]
+        n = int(num_pos[r])
+        junk_r = junk_index[r, : num_junk[r]]
+        which = np.flatnonzero(tied[r])
+        if which.size > many_ties:  # mostly ties (e.g. identical features): one stable argsort
+            ordered = row.copy()
+            ordered[junk_r] = np.inf
+            position = np.empty(num_gallery, dtype=np.int64)
+            position[np.argsort(ordered, kind="stable")] = np.arange(num_gallery)
+            rank0[r, :n] = position[pos_index[r, :n]]
+            continue
+        junk_d = row[junk_r]
+        for j in which:  # kept items at the positive's distance with a smaller gallery index come before it
+            p, t = pos_index[r, j], thresholds[r, j]
+            rank0[r, j] += np.count_nonzero(row[:p] == t) - np.count_nonzero((junk_r < p) & (junk_d == t))
+
+    ranks = (rank0 + 1).astype(np.float64)  # 1-based ranks of the positives, increasing along each row
+    j = np.arange(1, width + 1, dtype=np.float64)[None, :]
+    is_pos = j <= num_pos[:, None]
+    ap[rows] = np.where(is_pos, j / np.where(is_pos, ranks, 1.0), 0.0).sum(axis=1) / num_pos
+    inp[rows] = num_pos / ranks[np.arange(rows.size), num_pos - 1]
+    first_rank[rows] = rank0[:, 0] + 1
+
+
 def _rank_chunk(
     dist: np.ndarray,
     q_pids: np.ndarray,
@@ -419,61 +530,21 @@ def _rank_chunk(
     pool: ThreadPoolExecutor,
     num_threads: int,
 ) -> _QueryStatistics:
-    """First correct rank, AP and INP of each query row of ``dist`` (b, G); rows are ranked in the thread pool.
-
-    Each positive's rank is the number of kept items before it, counted exactly in one of three ways chosen per row
-    from a sample (whichever is predicted fastest; all give the same result): (1) sort the values of the whole row
-    and binary-search each positive (random features: positives anywhere in the list); (2) gather only the items at
-    or below some positive c, sort those, binary-search the positives up to c and count the items below each later
-    positive with one comparison pass (a trained model: positives near the top, maybe one or two far down);
-    (3) comparison passes for every positive (very few positives). Junk below a positive is counted from the junk's
-    own sorted distances and subtracted; exact ties are resolved by gallery index.
-    """
+    """First correct rank, AP and INP of each query row of ``dist`` (b, G): blocks of rows are ranked by
+    ``_rank_rows`` in the thread pool, each block wholly (ids, plan, ranks and statistics) in one task."""
     b = dist.shape[0]
     first_rank = np.zeros(b, dtype=np.int64)
     ap = np.full(b, np.nan)
     inp = np.full(b, np.nan)
-    gidx, positive, junk = gallery.same_identity(q_pids, q_camids)
-    num_pos = positive.sum(axis=1)
-    valid_rows = np.flatnonzero(num_pos)
-    if valid_rows.size == 0:
-        return _QueryStatistics(first_rank, ap, inp)
+    costs = _path_costs(dist.shape[1])  # measured here, once, rather than by several tasks at once
+    bounds = np.linspace(0, b, min(b, _TASKS_PER_THREAD * num_threads) + 1).astype(np.int64)
 
-    # Positives' distances sorted by (distance, gallery index): gidx increases along each row and the sort is
-    # stable, so equal distances keep gallery-index order. Non-positives become +inf and sort last.
-    candidate_dist = np.take_along_axis(dist, gidx, axis=1)
-    thresholds = np.where(positive, candidate_dist, np.inf)
-    perm = np.argsort(thresholds, axis=1, kind="stable")
-    thresholds = np.ascontiguousarray(np.take_along_axis(thresholds, perm, axis=1))
-    pos_index = np.take_along_axis(gidx, perm, axis=1)
-    junk_sorted = torch.from_numpy(np.sort(np.where(junk, candidate_dist, np.inf), axis=1))
-    junk_below = torch.searchsorted(junk_sorted, torch.from_numpy(thresholds)).numpy()
-    sorted_count, whole_row = _counting_plan(dist, thresholds, num_pos)
-    ranks = np.zeros(thresholds.shape, dtype=np.float64)
+    def rank_block(lo: int, hi: int) -> None:
+        _rank_rows(
+            dist[lo:hi], q_pids[lo:hi], q_camids[lo:hi], gallery, costs, first_rank[lo:hi], ap[lo:hi], inp[lo:hi]
+        )
 
-    def rank_rows(rows: np.ndarray) -> None:
-        for r in rows:
-            n = num_pos[r]
-            rank0 = _positive_ranks(
-                dist[r],
-                thresholds[r, :n],
-                pos_index[r, :n],
-                gidx[r][junk[r]],
-                junk_below[r, :n],
-                sorted_count=int(sorted_count[r]),
-                whole_row=bool(whole_row[r]),
-            )
-            ranks[r, :n] = rank0 + 1.0
-
-    list(pool.map(rank_rows, np.array_split(valid_rows, 2 * num_threads)))  # 2 blocks per thread: balance
-
-    n = num_pos[valid_rows]
-    r_valid = ranks[valid_rows]  # 1-based ranks of the positives, increasing along each row, 0 as padding
-    j = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)[None, :]
-    is_pos = j <= n[:, None]
-    ap[valid_rows] = np.where(is_pos, j / np.where(is_pos, r_valid, 1.0), 0.0).sum(axis=1) / n
-    inp[valid_rows] = n / r_valid[np.arange(len(n)), n - 1]
-    first_rank[valid_rows] = r_valid[:, 0].astype(np.int64)
+    list(pool.map(rank_block, bounds[:-1], bounds[1:]))
     return _QueryStatistics(first_rank, ap, inp)
 
 
@@ -638,10 +709,15 @@ def evaluation_device(device: torch.device | str | None = None) -> torch.device:
 def _overlapped_distance_chunks(qp: PreparedFeatures, gp: PreparedFeatures, rows: int, device: torch.device):
     """``(start, stop, dist)`` chunks of the (Q, G) distances as CPU tensors; chunk k + 1 is computed (on
     ``device``, in a background thread) while the caller ranks chunk k, into the other of two reused CPU buffers
-    (pinned memory on CUDA, filled by a non-blocking copy). Numbers are those of ``distance_block`` on ``device``."""
+    (pinned memory on CUDA, filled by a non-blocking copy); a single chunk is computed in the calling thread.
+    Numbers are those of ``distance_block`` on ``device``."""
     num_queries, num_gallery = qp.augmented.shape[0], gp.augmented.shape[0]
     on_gpu = device.type == "cuda"
-    buffers = [torch.empty((rows, num_gallery), dtype=qp.augmented.dtype, pin_memory=on_gpu) for _ in range(2)]
+    bounds = [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+    buffers = [
+        torch.empty((rows, num_gallery), dtype=qp.augmented.dtype, pin_memory=on_gpu)
+        for _ in range(min(2, len(bounds)))
+    ]
     if on_gpu:
         qp = PreparedFeatures(qp.augmented.to(device), qp.sq_norms)
         gp = PreparedFeatures(gp.augmented.to(device), gp.sq_norms)
@@ -654,7 +730,9 @@ def _overlapped_distance_chunks(qp: PreparedFeatures, gp: PreparedFeatures, rows
             return out
         return distance_block(qp, gp, start, stop, out=buffers[k % 2])
 
-    bounds = [(start, min(start + rows, num_queries)) for start in range(0, num_queries, rows)]
+    if len(bounds) == 1:  # nothing to overlap: no producer thread (its OpenMP team costs ~5 ms to start and end)
+        yield 0, num_queries, compute(0, 0, num_queries)
+        return
     with ThreadPoolExecutor(max_workers=1) as producer:
         pending = producer.submit(compute, 0, *bounds[0])
         for k, (start, stop) in enumerate(bounds):
