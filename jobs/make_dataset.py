@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-id", type=int, default=12)
     parser.add_argument("--sessions", type=int, default=3, help="FLIMA recording sessions")
     parser.add_argument("--face-share", type=float, default=0.5, help="share of images with a real face")
+    parser.add_argument("--head-share", type=float, default=0.25,
+                        help="head height / body height (0.4 keeps faces detectable at 128x64)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty location")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny dataset (4 ids, 2 cameras), read back")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = synthetic.SyntheticSpec(
             ids=args.ids, cameras=args.cameras, images_per_id=args.images_per_id, face_share=args.face_share,
-            sessions=args.sessions, seed=args.seed,
+            head_share=args.head_share, sessions=args.sessions, seed=args.seed,
         )  # fmt: skip
         items = synthetic.plan(spec, args.layout)
         storage.check_location(args.out)

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 
 from reid_core import storage
 from reid_core.data import load_image, read_layout
@@ -111,12 +113,26 @@ def test_face_tag_matches_what_dlib_finds():
         ({"ids": 1}, "at least 2 identities"),
         ({"cameras": 1}, "at least 2 cameras"),
         ({"face_share": 1.5}, r"outside \[0, 1\]"),
+        ({"head_share": float("nan")}, r"head_share nan is outside \[0.1, 0.5\]"),
+        ({"head_share": 0.05}, r"head_share 0.05 is outside"),
         ({"sessions": 1}, "at least 2 sessions"),
     ],
 )
 def test_bad_specs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SyntheticSpec(**kwargs)
+
+
+@pytest.mark.parametrize(("head_share", "low", "high"), [(0.25, 0.0, 0.3), (0.4, 0.8, 1.0)])
+def test_head_share_decides_whether_faces_survive_resizing_to_128x64(head_share, low, high):
+    """The default head (a quarter of the body) carries a face of ~16 px at 128×64, under what HOG finds; the face-rich
+    set of the guidance experiment (head 0.4 of the body) keeps ~26 px faces that the person-crop detector finds."""
+    spec = SyntheticSpec(ids=8, cameras=2, images_per_id=6, face_share=1.0, head_share=head_share, seed=2)
+    images = [render(spec, item).resize((64, 128)) for item in plan(spec, "msmt17")[:24]]
+    batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    with FaceDetector.for_person_crops() as detector:
+        rate = detector.detect(batch).face_rate
+    assert low <= rate <= high, f"face rate {rate:.2f} at 128x64 with head_share {head_share}"
 
 
 def test_flima_needs_enough_images_per_session():
