@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -103,37 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except evaluate.EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    uri, ref, query, gallery = pre.mlflow_uri, pre.ref, pre.query, pre.gallery
-    run_id, short, m, extraction, n = (
-        out["run_id"],
-        out["dataset"],
-        out["metrics"],
-        out["extraction"],
-        out["num_features"],
-    )
-    art = tracking.artifact_uri(uri, run_id)
-    print("\n=== evaluate summary ===")
-    version = f"registered as {ref.uri}" if ref else "not registered"
-    produced = f", logged by run {pre.model_run_id}" if pre.model_run_id else ""
-    print(f"model:             {args.model} ({version}{produced})")
-    print(f"dataset:           {args.data} ({args.layout}{', ' + str(pre.options) if pre.options else ''}): "
-          f"{len(query)} queries, {len(gallery)} gallery images")  # fmt: skip
-    print(f"features:          {n} × {pre.feature_dim} on {extraction['workers']} Ray actors in "
-          f"{extraction['seconds']:.1f} s ({n / extraction['seconds']:.1f} images/s)"
-          f"{', flip-averaged' if args.flip else ''}")  # fmt: skip
-    print(f"retrieval ({args.metric}): Rank-1 {m['rank1']:.4f}  Rank-5 {m['rank5']:.4f}  Rank-10 {m['rank10']:.4f}  "
-          f"mAP {m['mAP']:.4f}  mINP {m['mINP']:.4f}  ({int(m['num_valid_queries'])} queries, "
-          f"{int(m['num_skipped_queries'])} skipped)")  # fmt: skip
-    if args.rerank:
-        print(f"re-ranked:         Rank-1 {m['rerank.rank1']:.4f}  Rank-5 {m['rerank.rank5']:.4f}  "
-              f"Rank-10 {m['rerank.rank10']:.4f}  mAP {m['rerank.mAP']:.4f}  mINP {m['rerank.mINP']:.4f}")  # fmt: skip
-    print(f"MLflow run:        {run_id} ({uri}, experiment {args.experiment!r})")
-    print("pictures:          " + "  ".join(f"{art}/{p}" for p in out["pictures"].values()))
-    if out["tagged"]:
-        print(f"version tags:      {ref.name} v{ref.version}: eval.{short}.* (e.g. eval.{short}.mAP)")
-    else:
-        print("version tags:      none (" + ("--no-tags" if args.no_tags else "the model is not registered") + ")")
-    print(f"time:              {time.perf_counter() - out['started']:.1f} s")
+    print(out.summary(spec, pre))
     return 0
 
 

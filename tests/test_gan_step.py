@@ -203,3 +203,38 @@ def test_fakes_prepared_ahead_give_the_step_it_would_compute_itself():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="prepared fakes hold 6 images for a batch of 4"):
         gan_step(g2, d2, real[:4], z_dim=16, guidance=guidance, prepared=prepared)
+
+
+def test_critic_mode_takes_the_prepared_fakes_as_the_training_loop_passes_them():
+    """The loop hands gan_step prepared fakes (their Δ pending) and no detector: in critic mode that must run, and
+    give the step that detects for itself (a run of the guidance experiment failed here at its first step)."""
+    from reid_core.train.steps import Guidance, prepare_fakes
+
+    guidance = Guidance("critic", 0.1, 0.1)
+    real = torch.rand(6, 3, *SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+
+    def detect(fake):
+        return (fake.mean(dim=(1, 2, 3)) > 0).float()
+
+    def updaters():
+        gen, disc = tiny_pair(0)
+        torch.manual_seed(5)
+        scorer = build_model("face_presence", channels=(4, 8), image_size=16)
+        return [TorchUpdater(m, torch.optim.SGD(m.parameters(), lr=0.05)) for m in (gen, disc, scorer)]
+
+    g1, d1, c1 = updaters()
+    own = gan_step(g1, d1, real, z_dim=16, generator=torch.Generator().manual_seed(3), guidance=guidance,
+                   detect_faces=detect, critic=c1)  # fmt: skip
+    g2, d2, c2 = updaters()
+    rng = torch.Generator().manual_seed(3)
+    prepared = prepare_fakes(g2, 6, z_dim=16, device="cpu", generator=rng, guidance=guidance, detect_faces=detect)
+    assert prepared.pending is not None  # critic mode always labels the fakes
+    ahead = gan_step(g2, d2, real, z_dim=16, generator=rng, guidance=guidance, critic=c2, prepared=prepared)
+    assert "loss_critic" in ahead
+    assert {k: v for k, v in own.items() if k != "step_seconds"} == {
+        k: v for k, v in ahead.items() if k != "step_seconds"
+    }
+    for a, b in zip(params(c1.module), params(c2.module), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="pass detect_faces"):
+        gan_step(g2, d2, real, z_dim=16, guidance=guidance, critic=c2)

@@ -142,10 +142,10 @@ def gan_step(
 
     if guidance.mode == "critic" and critic is None:
         raise ValueError("gan_step: guidance mode 'critic' needs the face-presence scorer (critic=...)")
-    if critic is not None and detect_faces is None:
+    if critic is not None and detect_faces is None and (prepared is None or prepared.pending is None):
         raise ValueError(
             "gan_step: the face-presence scorer (critic=...) is trained on the detector's labels of the generated "
-            "images too; pass detect_faces (e.g. FaceDetector.submit)"
+            "images too; pass detect_faces (e.g. FaceDetector.submit), or prepared fakes whose Δ is pending"
         )
     t0 = time.perf_counter()
     n = real.shape[0]

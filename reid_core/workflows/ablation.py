@@ -239,16 +239,25 @@ def build_tuner(cfg: AblationJobConfig, *, mlflow_uri: str, parent_run_id: str, 
                 restore: bool = False, resume_errored: bool = False):  # fmt: skip
     """The grid's ``Tuner`` (every condition × recipe × seed once), or the interrupted one restored from storage."""
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from reid_core.workflows import tune_state
 
     path, fs, experiment_path = tune_storage(cfg, settings)
     trainable = tune.with_resources(
         tune.with_parameters(ablation_trial, job=to_dict(cfg), mlflow_uri=mlflow_uri, parent_run_id=parent_run_id),
         {"CPU": cfg.grid.trial_cpus},
     )
-    if restore:
-        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=resume_errored,
-                                  storage_filesystem=fs)  # fmt: skip
+    return tune_state.new_or_restored_tuner(
+        experiment_path, fs, trainable, restore=restore, resume_errored=resume_errored,
+        new=lambda: new_tuner(cfg, trainable, path=path, fs=fs, max_concurrent=max_concurrent),
+    )  # fmt: skip
+
+
+def new_tuner(cfg: AblationJobConfig, trainable, *, path: str, fs, max_concurrent: int):
+    """A fresh ``Tuner`` over every recipe × condition × seed."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     g = cfg.grid
     space = {"recipe": tune.grid_search(list(g.recipes)), "condition": tune.grid_search(list(g.conditions)),
              "seed": tune.grid_search(list(g.seeds))}  # fmt: skip
@@ -263,11 +272,11 @@ def build_tuner(cfg: AblationJobConfig, *, mlflow_uri: str, parent_run_id: str, 
 
 
 def tune_storage(cfg: AblationJobConfig, settings) -> tuple[str, object | None, str]:
-    """(storage_path, storage_filesystem, the experiment's path for ``Tuner.restore`` / ``can_restore``)."""
-    from reid_core import storage
+    """The grid's Tune state (``tune_state.tune_storage``)."""
+    from reid_core.workflows import tune_state
 
-    path, fs = storage.ray_storage(cfg.grid.storage, settings, outage_seconds=cfg.reid.storage.outage_seconds)
-    return path, fs, f"{path.rstrip('/')}/{cfg.grid.name}"
+    return tune_state.tune_storage(cfg.grid.storage, cfg.grid.name, settings,
+                                   outage_seconds=cfg.reid.storage.outage_seconds)  # fmt: skip
 
 
 def result_rows(results) -> list[dict]:
@@ -316,13 +325,10 @@ def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: b
     """Each recipe's re-ID stage (data, the distractor set, a pretrained checkpoint, storage, MLflow) and the grid's
     state, before Ray starts. With ``resume`` the grid ``grid.name`` must exist (``--resume``), else it must not;
     ``resume_errored`` only with ``resume``."""
-    from ray.tune import Tuner
-
     from reid_core import storage, tracking
-    from reid_core.workflows import pipeline
+    from reid_core.workflows import pipeline, tune_state
 
-    if resume_errored and not resume:
-        raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier grid)")
+    tune_state.check_resume_flags("grid", resume=resume, resume_errored=resume_errored)  # before any I/O
     pres = {}
     for recipe in cfg.grid.recipes:
         reid = recipe_config(cfg.reid, cfg.strong) if recipe == "strong" else cfg.reid
@@ -334,13 +340,8 @@ def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: b
     settings = pres[cfg.grid.recipes[0]].settings
     storage.check_location(cfg.grid.storage, settings)
     _, fs, experiment_path = tune_storage(cfg, settings)
-    exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    where = storage.join(cfg.grid.storage, cfg.grid.name)
-    if resume and not exists:
-        raise ConfigError(f"--resume: no grid {cfg.grid.name!r} to resume at {where} (grid.name / grid.storage)")
-    if not resume and exists:
-        raise ConfigError(f"grid.name: a grid {cfg.grid.name!r} already exists at {where}: pass --resume to continue "
-                          "it, or choose another grid.name")  # fmt: skip
+    tune_state.check_resume("grid", cfg.grid.name, storage.join(cfg.grid.storage, cfg.grid.name), experiment_path, fs,
+                            resume=resume)  # fmt: skip
     return GridPlan(mlflow_uri=mlflow_uri, settings=settings)
 
 
@@ -352,6 +353,7 @@ def run_grid(cfg: AblationJobConfig, pre: GridPlan, *, resume: bool = False, res
 
     from reid_core import tracking
     from reid_core.runtime import init_ray_for_job
+    from reid_core.workflows import tune_state
     from reid_core.workflows.search import concurrent_trials
 
     mlflow_uri, settings = pre.mlflow_uri, pre.settings
@@ -367,15 +369,11 @@ def run_grid(cfg: AblationJobConfig, pre: GridPlan, *, resume: bool = False, res
     log.info("%d trials (%d conditions × %d recipes × %d seeds), %d at a time", trials, len(g.conditions),
              len(g.recipes), len(g.seeds), concurrent)  # fmt: skip
 
-    parent = tracking.find_runs(mlflow_uri, experiment, {ABLATION_TAG: g.name, "ablation.role": "grid"})
-    if resume and parent:
-        parent_id = parent[0]["run_id"]
-        tracking.reopen_run(mlflow_uri, parent_id)
-    else:
-        parent_id = tracking.start_run(mlflow_uri, experiment, g.name, {**flatten(to_dict(cfg)),
-                                                                        "max_concurrent_trials_used": concurrent},
-                                       tags={"job": "ablation", ABLATION_TAG: g.name,
-                                             "ablation.role": "grid"})  # fmt: skip
+    parent_id = tune_state.open_parent_run(
+        mlflow_uri, experiment, g.name, identity={ABLATION_TAG: g.name, "ablation.role": "grid"},
+        tags={"job": "ablation"}, params=lambda: {**flatten(to_dict(cfg)), "max_concurrent_trials_used": concurrent},
+        resume=resume,
+    )  # fmt: skip
     tuner = build_tuner(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_id, max_concurrent=concurrent,
                         settings=settings, restore=resume, resume_errored=resume_errored)  # fmt: skip
     try:

@@ -460,7 +460,7 @@ def bad_image(exc: BaseException):
     return exc if isinstance(exc, BadImageError) and cause is None else None
 
 
-def run_evaluation(spec: EvaluationSpec, pre: EvaluationPlan) -> dict:
+def run_evaluation(spec: EvaluationSpec, pre: EvaluationPlan) -> EvaluationResult:
     """The MLflow run: features on Ray, metrics, pictures and the model version's tags. Returns what the summary
     prints. ``EvaluationError`` when an image cannot be read (the run is FAILED); any other failure propagates, the
     run FAILED too."""
@@ -522,5 +522,51 @@ def run_evaluation(spec: EvaluationSpec, pre: EvaluationPlan) -> dict:
             raise
         raise EvaluationError(f"{bad} (MLflow run {run_id} is FAILED)") from exc
     tracking.set_terminated(uri, run_id, "FINISHED")
-    return {"run_id": run_id, "dataset": short, "metrics": metrics, "num_features": len(feats),
-            "extraction": extraction, "pictures": pictures, "tagged": tagged, "started": t0}  # fmt: skip
+    return EvaluationResult(run_id=run_id, dataset=short, metrics=metrics, num_features=len(feats),
+                            extraction=extraction, pictures=pictures, tagged=tagged, started=t0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What ``run_evaluation`` did: its MLflow run, the metrics, and what the job's summary prints."""
+
+    run_id: str
+    dataset: str  # the short name of the ``eval.<dataset>.*`` tags
+    metrics: dict  # rank1 / rank5 / rank10 / mAP / mINP (and rerank.*), query counts, feature timing
+    num_features: int  # query + gallery images embedded
+    extraction: dict  # workers, seconds, faces (Dual-Stream) of the feature extraction
+    pictures: dict  # artifact paths of the CMC curve and the ranked lists
+    tagged: bool  # whether the model version got the eval.<dataset>.* tags
+    started: float  # time.perf_counter() at the run's start
+
+    def summary(self, spec: EvaluationSpec, pre: EvaluationPlan) -> str:
+        """The job's closing summary, one fact per line."""
+        m, n, ext, ref = self.metrics, self.num_features, self.extraction, pre.ref
+        art = tracking.artifact_uri(pre.mlflow_uri, self.run_id)
+        version = f"registered as {ref.uri}" if ref else "not registered"
+        produced = f", logged by run {pre.model_run_id}" if pre.model_run_id else ""
+        options = f", {pre.options}" if pre.options else ""
+        lines = [
+            "\n=== evaluate summary ===",
+            f"model:             {spec.model} ({version}{produced})",
+            f"dataset:           {spec.data} ({spec.layout}{options}): {len(pre.query)} queries, "
+            f"{len(pre.gallery)} gallery images",
+            f"features:          {n} × {pre.feature_dim} on {ext['workers']} Ray actors in {ext['seconds']:.1f} s "
+            f"({n / ext['seconds']:.1f} images/s){', flip-averaged' if spec.flip else ''}",
+            f"retrieval ({spec.metric}): Rank-1 {m['rank1']:.4f}  Rank-5 {m['rank5']:.4f}  Rank-10 {m['rank10']:.4f}  "
+            f"mAP {m['mAP']:.4f}  mINP {m['mINP']:.4f}  ({int(m['num_valid_queries'])} queries, "
+            f"{int(m['num_skipped_queries'])} skipped)",
+        ]
+        if spec.rerank:
+            lines.append(f"re-ranked:         Rank-1 {m['rerank.rank1']:.4f}  Rank-5 {m['rerank.rank5']:.4f}  "
+                         f"Rank-10 {m['rerank.rank10']:.4f}  mAP {m['rerank.mAP']:.4f}  mINP {m['rerank.mINP']:.4f}")  # fmt: skip
+        lines.append(f"MLflow run:        {self.run_id} ({pre.mlflow_uri}, experiment {spec.experiment!r})")
+        lines.append("pictures:          " + "  ".join(f"{art}/{p}" for p in self.pictures.values()))
+        if self.tagged:
+            lines.append(f"version tags:      {ref.name} v{ref.version}: eval.{self.dataset}.* "
+                         f"(e.g. eval.{self.dataset}.mAP)")  # fmt: skip
+        else:
+            why = "--no-tags" if spec.no_tags else "the model is not registered"
+            lines.append(f"version tags:      none ({why})")
+        lines.append(f"time:              {time.perf_counter() - self.started:.1f} s")
+        return "\n".join(lines)

@@ -36,8 +36,8 @@ from pathlib import Path
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from reid_core import storage, tracking
-from reid_core.config import ConfigError, TuneJobConfig, flatten, from_dict, to_dict
-from reid_core.workflows import distractors, pipeline
+from reid_core.config import TuneJobConfig, flatten, from_dict, to_dict
+from reid_core.workflows import distractors, pipeline, tune_state
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +207,10 @@ def chain_trial(config: dict, *, job: dict, mlflow_uri: str, parent_run_id: str)
 
 # ------------------------------------------------------------------------------------------------ the search
 def tune_storage(cfg: TuneJobConfig, settings) -> tuple[str, object | None, str]:
-    """(storage_path, storage_filesystem, the experiment's path for ``Tuner.restore`` / ``can_restore``)."""
-    # The search's own state rides out S3 trouble as long as its GAN stage's checkpoints do.
-    path, fs = storage.ray_storage(cfg.search.storage, settings, outage_seconds=cfg.gan.storage.outage_seconds)
-    return path, fs, f"{path.rstrip('/')}/{cfg.search.name}"
+    """The search's Tune state (``tune_state.tune_storage``); it rides out S3 trouble as its GAN stage's checkpoints
+    do."""
+    return tune_state.tune_storage(cfg.search.storage, cfg.search.name, settings,
+                                   outage_seconds=cfg.gan.storage.outage_seconds)  # fmt: skip
 
 
 def make_trainable(cfg: TuneJobConfig, *, mlflow_uri: str, parent_run_id: str):
@@ -228,15 +228,21 @@ def build_tuner(cfg: TuneJobConfig, *, mlflow_uri: str, parent_run_id: str, max_
     """A new ``Tuner`` for the search, or (``restore``) the interrupted one from its storage: finished trials are
     kept, unfinished ones start again (their stages skip what they finished), errored ones only with
     ``resume_errored``."""
+
+    path, fs, experiment_path = tune_storage(cfg, settings)
+    trainable = make_trainable(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id)
+    return tune_state.new_or_restored_tuner(
+        experiment_path, fs, trainable, restore=restore, resume_errored=resume_errored,
+        new=lambda: new_tuner(cfg, trainable, path=path, fs=fs, max_concurrent=max_concurrent),
+    )  # fmt: skip
+
+
+def new_tuner(cfg: TuneJobConfig, trainable, *, path: str, fs, max_concurrent: int):
+    """A fresh ``Tuner`` over the search's space, with ASHA when ``search.mode`` is asha."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    path, fs, experiment_path = tune_storage(cfg, settings)
-    trainable = make_trainable(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_run_id)
-    if restore:
-        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=resume_errored,
-                                  storage_filesystem=fs)  # fmt: skip
     s = cfg.search
     scheduler = None
     if s.mode == "asha":
@@ -318,10 +324,7 @@ def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool 
     """Check both training stages' data, storage and MLflow, the synthesis output and the search's state before Ray
     starts. The re-ID stage is checked without distractors (each trial makes its own set). With ``resume`` the search
     ``search.name`` must exist (``--resume``), else it must not; ``resume_errored`` only with ``resume``."""
-    from ray.tune import Tuner
-
-    if resume_errored and not resume:
-        raise ConfigError("--resume-errored: only with --resume (it retries the failed trials of an earlier search)")
+    tune_state.check_resume_flags("search", resume=resume, resume_errored=resume_errored)  # before any I/O
     s = cfg.search
     first = dataclasses.replace(cfg.gan.guidance, lambda1=s.lambda1[0], lambda2=s.lambda2[0], mode=s.guidance_modes[0])
     mlflow_uri, _ = pipeline.preflight_gan(dataclasses.replace(cfg.gan, guidance=first))
@@ -333,13 +336,7 @@ def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri or mlflow_uri)
     tracking.check_server(uri)
     _, fs, experiment_path = tune_storage(cfg, settings)
-    exists = Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    where = storage.join(s.storage, s.name)
-    if resume and not exists:
-        raise ConfigError(f"--resume: no search {s.name!r} to resume at {where} (search.name / search.storage)")
-    if not resume and exists:
-        raise ConfigError(f"search.name: a search {s.name!r} already exists at {where}: pass --resume to continue it, "
-                          "or choose another search.name")  # fmt: skip
+    tune_state.check_resume("search", s.name, storage.join(s.storage, s.name), experiment_path, fs, resume=resume)
     return SearchPlan(mlflow_uri=uri, settings=settings)
 
 
@@ -359,16 +356,11 @@ def run_search(cfg: TuneJobConfig, pre: SearchPlan, *, resume: bool = False, res
              {k: cluster.get(k, 0) for k in needs}, concurrent)  # fmt: skip
 
     s, experiment = cfg.search, cfg.tracking.experiment
-    parent = tracking.find_runs(mlflow_uri, experiment, {SEARCH_TAG: s.name, "tune.role": "search"})
-    if resume and parent:
-        parent_id = parent[0]["run_id"]
-        tracking.reopen_run(mlflow_uri, parent_id)
-        log.info("resuming search %r: MLflow run %s", s.name, parent_id)
-    else:
-        params = {**flatten(to_dict(cfg)), "max_concurrent_trials_used": concurrent}
-        parent_id = tracking.start_run(mlflow_uri, experiment, s.name, params,
-                                       tags={"job": "tune_lambdas", SEARCH_TAG: s.name, "tune.role": "search",
-                                             "search.mode": s.mode, "objective": s.objective})  # fmt: skip
+    parent_id = tune_state.open_parent_run(
+        mlflow_uri, experiment, s.name, identity={SEARCH_TAG: s.name, "tune.role": "search"},
+        tags={"job": "tune_lambdas", "search.mode": s.mode, "objective": s.objective},
+        params=lambda: {**flatten(to_dict(cfg)), "max_concurrent_trials_used": concurrent}, resume=resume,
+    )  # fmt: skip
     tuner = build_tuner(cfg, mlflow_uri=mlflow_uri, parent_run_id=parent_id, max_concurrent=concurrent,
                         settings=settings, restore=resume, resume_errored=resume_errored)  # fmt: skip
     try:
