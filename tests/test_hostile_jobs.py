@@ -199,6 +199,7 @@ def run_script(job: str, *args: str) -> subprocess.CompletedProcess:
                          "--tracking-uri", "http://127.0.0.1:9"], "--batch-size must be ≥ 1; got 0"),
         ("make_dataset.py", ["--out", "{tmp}/m", "--smoke-test", "--ids", "0"], "at least 2 identities"),
         ("make_dataset.py", ["--out", "{tmp}/m", "--face-share", "nan"], "face_share nan is outside [0, 1]"),
+        ("make_dataset.py", ["--out", "{tmp}/m", "--head-share", "nan"], "head_share nan is outside [0.1, 0.5]"),
         ("pack_dataset.py", ["--src", "{tmp}/s", "--layout", "msmt17", "--out", "{tmp}/p", "--shard-mb", "nan"],
          "--shard-mb nan: expected a positive size"),
         ("pack_dataset.py", ["--src", "{tmp}/s", "--layout", "msmt17", "--out", "{tmp}/p", "--shard-mb", "inf"],
