@@ -532,6 +532,24 @@ def log_artifact_file(uri: str, run_id: str, local_path: str | os.PathLike, arti
     client(uri).log_artifact(run_id, str(local_path), artifact_path=artifact_path)
 
 
+def run_artifact_paths(uri: str, run_id: str, folder: str) -> list[str]:
+    """The paths of the artifacts directly under ``folder`` of ``run_id`` (e.g. ``samples/epoch_003.png``), sorted."""
+    return sorted(a.path for a in client(uri).list_artifacts(run_id, folder) if not a.is_dir)
+
+
+def download_run_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLike) -> Path:
+    """Download one artifact of ``run_id`` into ``dst_dir``; returns the local file."""
+    return Path(client(uri).download_artifacts(run_id, path, str(dst_dir)))
+
+
+def run_id_by_name(uri: str, experiment: str, run_name: str) -> str:
+    """``find_run``, as an error when there is no such run (one line, naming the experiment)."""
+    run_id = find_run(uri, experiment, run_name)
+    if run_id is None:
+        raise TrackingError(f"no run named {run_name!r} in the MLflow experiment {experiment!r} at {uri}")
+    return run_id
+
+
 def set_run_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     """Set (or overwrite) tags on a run; values are stored as strings."""
     c = client(uri)

@@ -317,3 +317,41 @@ def test_face_crop_errors():
         face_crop(torch.zeros(3, 8, 8), (4, 4, 4, 6))
     with pytest.raises(ValueError, match="one \\(or None\\) per image"):
         face_crops(torch.zeros(2, 3, 8, 8), [(0, 0, 4, 4)])
+
+
+def test_best_scores_agree_with_detection_and_show_how_close_a_faceless_image_comes(head):
+    """The face score: at or above the threshold exactly where ``detect`` finds a face; below it for face-free
+    photos and faceless persons, but above the floor (their best window is scored); the floor is validated."""
+    detector = FaceDetector.for_person_crops(workers=0)
+    with_face = [person_image(128, 64, head, 44)[0], person_image(256, 128, head, 80)[0]]
+    without = [
+        person_image(128, 64, None, 44)[0],
+        np.asarray(Image.fromarray(skimage.data.chelsea()).resize((64, 128))),
+    ]
+    images = with_face + without
+    scores = detector.best_scores(images)
+    found = detector.detect(images).face_absent.numpy() == 0
+    np.testing.assert_array_equal(scores >= detector.score_threshold, found)
+    assert found.tolist() == [True, True, False, False]
+    assert np.all(scores[2:] > -3.0) and np.all(scores[2:] < 0.0)
+    low = detector.best_scores(images, floor=-0.5)
+    np.testing.assert_array_equal(low, np.maximum(scores, -0.5))
+    for floor in (0.15, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="floor must be a finite score below 0.15"):
+            detector.best_scores(images, floor=floor)
+
+
+def test_grid_tiles_give_back_the_samples_of_a_logged_grid(head):
+    """The post-hoc face scores read the samples back from the PNG grid that training logs (``sample_grid``)."""
+    from reid_core.train.loops import sample_grid
+    from reid_core.workflows.face_progress import grid_tiles
+
+    images = [person_image(128, 64, head if k % 3 == 0 else None, 44)[0] for k in range(20)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    tiles = grid_tiles(sample_grid(batch), count=20, height=128, width=64)
+    assert len(tiles) == 20
+    assert max(int(np.abs(t.astype(int) - im.astype(int)).max()) for t, im in zip(tiles, images, strict=True)) <= 1
+    detector = FaceDetector.for_person_crops(workers=0)
+    np.testing.assert_array_equal(detector.best_scores(tiles) >= 0.15, [k % 3 == 0 for k in range(20)])
+    with pytest.raises(ValueError, match="cannot hold 20 samples of 256×128"):
+        grid_tiles(sample_grid(batch), count=20, height=256, width=128)

@@ -71,6 +71,11 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     delta_real = client.get_metric_history(run_id, "face_absent_real")
     assert len(delta_real) == 2 and 0.2 < delta_real[-1].value < 0.9
     assert len(client.get_metric_history(run_id, "face_rate")) == 2
+    # The continuous view of the samples' faces: each epoch's median and best window score, floor included.
+    medians = sorted(client.get_metric_history(run_id, "face_score_median"), key=lambda m: m.step)
+    maxima = sorted(client.get_metric_history(run_id, "face_score_max"), key=lambda m: m.step)
+    assert len(medians) == len(maxima) == 2
+    assert all(-3.0 <= m.value <= x.value for m, x in zip(medians, maxima, strict=True))
     assert len(client.get_metric_history(run_id, "loss_d_penalised")) == 2
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert samples == ["samples/epoch_000.png", "samples/epoch_001.png"]

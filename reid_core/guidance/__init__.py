@@ -8,6 +8,7 @@
 
 from reid_core.guidance.faces import (
     DEFAULT_SCORE_THRESHOLD,
+    FACE_SCORE_FLOOR,
     FaceDetections,
     FaceDetector,
     face_crop,
@@ -19,6 +20,7 @@ from reid_core.guidance.losses import GUIDANCE_MODES, discriminator_loss, genera
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
+    "FACE_SCORE_FLOOR",
     "GUIDANCE_MODES",
     "FaceDetections",
     "FaceDetector",

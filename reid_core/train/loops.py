@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from reid_core import tracking
@@ -377,11 +378,14 @@ def face_absent_table(
 def _log_gan_epoch(
     epoch_log: tracking.EpochLogger, metrics: dict, generator, fixed_noise: torch.Tensor, epoch: int, detector
 ) -> None:
-    """Rank 0: queue the epoch's metrics, the face rate of the fixed-noise samples (share with a detectable face) and
-    their grid (fixed noise, so epochs are comparable) for MLflow (``tracking.EpochLogger``: MLflow being down does
-    not stop training)."""
+    """Rank 0: queue the epoch's metrics, the face rate of the fixed-noise samples (share with a detectable face),
+    their face scores (median and max of each sample's best window, ``FaceDetector.best_scores``: progress towards
+    detectable faces while the face rate is still 0) and their grid (fixed noise, so epochs are comparable) for
+    MLflow (``tracking.EpochLogger``: MLflow being down does not stop training)."""
     samples = fixed_noise_samples(generator, fixed_noise)
-    metrics = {**metrics, "face_rate": detector.detect(samples).face_rate}
+    scores = detector.best_scores(samples)
+    metrics = {**metrics, "face_rate": detector.detect(samples).face_rate,
+               "face_score_median": float(np.median(scores)), "face_score_max": float(scores.max())}  # fmt: skip
     epoch_log.log(epoch, {k: v for k, v in metrics.items() if k != "epoch"},
                   pictures={f"samples/epoch_{epoch:03d}.png": sample_grid(samples)})  # fmt: skip
 
