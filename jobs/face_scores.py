@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=64, help="samples per grid (tracking.num_samples; default 64)")
     parser.add_argument("--run-name", help="the analysis run's name (default face-scores-<time>)")
     parser.add_argument("--tracking-uri", help="MLflow server (default MLFLOW_TRACKING_URI / .stack/env)")
+    parser.add_argument("--smoke-test", action="store_true", help="score only the first and last grid of each run")
     args = parser.parse_args(argv)
     if min(args.image_size) < 8 or args.samples < 1:
         parser.error(f"--image-size must be at least 8 px a side and --samples at least 1; got "
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_server(uri)
         curves = face_progress.face_score_curves(
-            uri, args.experiment, args.runs, image_size=tuple(args.image_size), count=args.samples
+            uri,
+            args.experiment,
+            args.runs,
+            image_size=tuple(args.image_size),
+            count=args.samples,
+            ends_only=args.smoke_test,
         )
     except (tracking.TrackingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -62,9 +62,16 @@ def grid_tiles(grid: Image.Image, *, count: int, height: int, width: int) -> lis
 
 
 def face_score_curves(
-    uri: str, experiment: str, run_names: list[str], *, image_size: tuple[int, int], count: int
+    uri: str,
+    experiment: str,
+    run_names: list[str],
+    *,
+    image_size: tuple[int, int],
+    count: int,
+    ends_only: bool = False,
 ) -> list[FaceScoreCurve]:
-    """The face-score curve of each named run of ``experiment``, from its logged sample grids.
+    """The face-score curve of each named run of ``experiment``, from its logged sample grids (``ends_only``: the
+    first and last grid only, a quick check).
 
     Raises:
         tracking.TrackingError: a run name not in the experiment, or a run without sample grids.
@@ -78,9 +85,12 @@ def face_score_curves(
                  if (m := _EPOCH_GRID.match(p))]  # fmt: skip
         if not grids:
             raise tracking.TrackingError(f"run {name!r} ({run_id}) logged no samples/epoch_NNN.png grids")
+        grids = sorted(grids)
+        if ends_only:
+            grids = sorted({grids[0], grids[-1]})
         curve = FaceScoreCurve(name, run_id, [], [], [], [])
         with tempfile.TemporaryDirectory() as tmp:
-            for epoch, path in sorted(grids):
+            for epoch, path in grids:
                 with Image.open(tracking.download_run_artifact(uri, run_id, path, tmp)) as grid:
                     tiles = grid_tiles(grid, count=count, height=image_size[0], width=image_size[1])
                 scores = detector.best_scores(tiles)
