@@ -24,7 +24,7 @@ def s3_server(tmp_path_factory):
     """A real S3 HTTP endpoint (moto's server) on 127.0.0.1, with bucket ``reid-test``."""
     stack = _start(tmp_path_factory, "s3", ("s3",))
     yield stack
-    stack.down()
+    stack.down(kill=True)
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def services_stack(tmp_path_factory, s3_server):
     stack = _start(tmp_path_factory, "services", ("mlflow", "ray"))
     stack.full_env = {**s3_server.env(), **stack.env()}
     yield stack
-    stack.down()
+    stack.down(kill=True)  # a throwaway stack: no graceful Ray shutdown (~25 s after jobs)
 
 
 @pytest.fixture(scope="session")

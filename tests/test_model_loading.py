@@ -48,7 +48,7 @@ def mlflow_only(tmp_path_factory):
     stack = Stack(root=tmp_path_factory.mktemp("mlflow-only"), ports=Ports.free(), services=("mlflow",), bucket="x")
     stack.up()
     yield stack
-    stack.down()
+    stack.down(kill=True)
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def two_nodes(tmp_path_factory, s3_server):
         stack.full_env = {**s3_server.env(), **stack.env()}
         yield stack
     finally:
-        stack.down()
+        stack.down(kill=True)
 
 
 class HoldAfterFirstCheckpoint:

@@ -30,7 +30,7 @@ def mlflow_server(tmp_path_factory):
     stack = Stack(root=tmp_path_factory.mktemp("mlflow-review"), ports=Ports.free(), services=("mlflow",))
     stack.up()
     yield stack.mlflow_uri
-    stack.down()
+    stack.down(kill=True)
 
 
 def register(uri: str, model: str, *, metrics: dict[str, float], data_uri: str, picture: bool = False) -> str:

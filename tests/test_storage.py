@@ -120,7 +120,7 @@ def s3_with_auth(tmp_path_factory):
         urllib.request.urlopen(enforce, timeout=10).read()
         yield endpoint, storage.S3Settings(endpoint_url=endpoint, key=key["AccessKeyId"], secret=key["SecretAccessKey"])
     finally:
-        stack.down()
+        stack.down(kill=True)
 
 
 @pytest.mark.parametrize("which", ["wrong secret", "unknown key"])
