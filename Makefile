@@ -42,8 +42,9 @@ demo: stack-up
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The unit and component tests on 2 pytest-xdist workers (each starts its own loopback S3 server when a test needs one).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 # Every bench (bench/_*.py are helpers), one after the other: each merges its figures into bench/results.json; then the
 # README's benchmark table is rewritten from that file (tests/test_bench_results.py checks that they agree).
