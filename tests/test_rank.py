@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reid_core.metrics import rank as rank_module
+from reid_core.metrics import scan
 from reid_core.metrics.rank import (
     evaluate_distmat,
     evaluate_rank,
@@ -154,9 +155,13 @@ def test_trained_like_and_random_features_match_reference(noise):
     ],
 )
 @pytest.mark.parametrize("spread", [2, 1000])  # 2: heavy ties; 1000: few ties
-def test_every_counting_path_matches_reference(monkeypatch, costs, spread):
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba-passes", "numpy-passes"])
+def test_every_counting_path_matches_reference(monkeypatch, costs, spread, compiled):
     for name, value in costs.items():
         monkeypatch.setattr(rank_module, name, value)
+    assert scan.available()  # numba is a dependency: the compiled passes are the default
+    if not compiled:
+        monkeypatch.setattr(scan, "available", lambda: False)
     rng = np.random.default_rng(spread)
     centres = rng.integers(-spread, spread + 1, size=(40, 6))
     g_pids = rng.integers(0, 40, 1500)
@@ -323,3 +328,28 @@ def test_overlapped_chunks_on_the_chosen_device_match_reference():
     ref = evaluate_rank_reference(pairwise_distance(qf, gf), *ids)
     for device in (None, "cpu"):
         assert_same_result(evaluate_rank(qf, gf, *ids, chunk_size=32, device=device), ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_passes_count_below_and_at_or_below_exactly(dtype):
+    """``scan.count_between`` against NumPy's counts, on rows full of ties and on continuous ones; only the asked
+    entries are written."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        width = int(rng.integers(1, 400))
+        dist = rng.integers(0, 12, (5, width)) if trial % 2 else rng.standard_normal((5, width))
+        dist = dist.astype(dtype)
+        m = int(rng.integers(1, 10))
+        thresholds = rng.choice(dist.ravel(), (3, m))
+        lo = rng.integers(0, m, 3)
+        hi = np.minimum(lo + rng.integers(0, m + 1, 3), m)
+        below, at_or_below = np.full((3, m), -1), np.full((3, m), -1)
+        dist_rows = np.array([4, 0, 2])
+        scan.count_between(dist, dist_rows, np.arange(3), thresholds, lo, hi, below, at_or_below)
+        for i, r in enumerate(dist_rows):
+            j = np.arange(m)
+            asked = (j >= lo[i]) & (j < hi[i])
+            want_below = np.where(asked, (dist[r][None, :] < thresholds[i][:, None]).sum(axis=1), -1)
+            want_at = np.where(asked, (dist[r][None, :] <= thresholds[i][:, None]).sum(axis=1), -1)
+            np.testing.assert_array_equal(below[i], want_below)
+            np.testing.assert_array_equal(at_or_below[i], want_at)

@@ -21,14 +21,15 @@ one torch matrix product (multi-threaded BLAS) into a reused buffer. The rank of
 on where a sample of the row says the positives lie, and on what each way costs on this machine (measured once per
 process and gallery size), the row's values (no indices) are sorted with NumPy's sort and binary-searched, or only
 the items up to some positive are gathered and sorted while the positives beyond it are counted with comparison
-passes, or every positive is counted that way (two vectorised passes of ~0.1 ns per item each). Junk below a positive
+passes, or every positive is counted that way (one fused comparison loop per positive, compiled by numba:
+``reid_core.metrics.scan``, ~0.1 ns per item; NumPy's two passes when numba is missing). Junk below a positive
 is counted and subtracted; exact ties with a positive (frequent in float32 rows of tens of thousands of values) are
 resolved by gallery index. Peak memory is one (rows, G) buffer plus 1 MiB of rows to sort per thread, never the
 (Q, G) matrix: at MSMT17 scale (11,659 x 82,161) about 130 MB instead of 3.8 GB of distances plus 7.7 GB of argsort
 indices.
 Cost: the product plus, for random features (the worst case: positives anywhere in the list), the cheaper of a sort
-of the row (3 ns per item and core with NumPy's AVX-512 sort, 20+ ns without it) and ~0.2 ns per item and positive
-(MSMT17: ~25 positives per query); much less when positives rank high.
+of the row (2–3 ns per item and core with NumPy's AVX-512 sort on Intel, ~20 ns with its generic sort, e.g. on AMD
+EPYC) and ~0.1 ns per item and positive (MSMT17: ~25 positives per query); much less when positives rank high.
 
 Distances (``pairwise_distance``): ``"euclidean"`` is the **squared** Euclidean distance
 ``|q|^2 + |g|^2 - 2 q.g`` (same ranking as the Euclidean distance, no square root), ``"cosine"`` is
@@ -49,6 +50,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from reid_core.metrics import scan
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +307,9 @@ class _QueryStatistics:
 
 # Costs, in ns per gallery item and core, of the three exact ways to rank a row's positives. They only choose the
 # fastest path for each row; every path gives the same, exact result. They differ several-fold between machines (on
-# one AVX-512 core with NumPy's vectorised sort: sort 2.9, gather 0.9, share 1.0 + 2.9, count 0.26; on the 2-core
-# AMD VM of 2026-11: sort ~22 at 64k items, count ~0.2), so ``None`` means "measured on this machine" (per-thread CPU
+# one AVX-512 core with NumPy's vectorised sort: sort 2.9, gather 0.9, share 1.0 + 2.9, count 0.26 with NumPy's
+# passes; on the 2-core AMD VM of 2026-12: sort ~20 at 40k items, count 0.39 with NumPy's passes and 0.1 with the
+# compiled ones), so ``None`` means "measured on this machine" (per-thread CPU
 # time, once per process and gallery size; ``_measured_costs``); a number overrides the measurement (tests do).
 _COST_SORT: float | None = None  # copy the row and sort all of it
 _COST_GATHER: float | None = None  # gather the items at or below a positive (np.compress) ...
@@ -331,7 +335,13 @@ def _measured_costs(size_log2: int) -> tuple[float, float, float, float]:
         return best / n
 
     sort = per_item(lambda: row.copy().sort())
-    count = per_item(lambda: (np.count_nonzero(row < middle), np.count_nonzero(row == middle)))
+    if scan.available():  # the compiled passes, per positive: 16 thresholds in one call, divided by 16
+        many = np.full((1, 16), middle, dtype=row.dtype)
+        out, index = np.zeros((1, 16), dtype=np.int64), np.zeros(1, dtype=np.int64)
+        scan.count_between(row[None], index, index, many, index, index + 16, out, out.copy())  # compiles once
+        count = per_item(lambda: scan.count_between(row[None], index, index, many, index, index + 16, out, out)) / 16
+    else:
+        count = per_item(lambda: (np.count_nonzero(row < middle), np.count_nonzero(row == middle)))
     gather = per_item(lambda: np.compress(row <= below_all, row))
     gather_half = per_item(lambda: np.compress(row <= middle, row).sort())  # gather and sort half the row
     costs = (sort, gather, 2.0 * max(gather_half - gather, 0.0), count)
@@ -481,7 +491,9 @@ def _rank_rows(
         tied[w] = (found + 1 < num_gallery) & (next_value == thresholds[w])
 
     at_or_below = np.zeros(thresholds.shape, dtype=np.int64)  # the same, at or below (rows not sorted whole)
-    for r in np.flatnonzero(~whole_row):
+    partial = np.flatnonzero(~whole_row)
+    compiled = scan.available()
+    for r in partial:
         row = dist[rows[r]]
         t = thresholds[r]
         cut = int(sorted_count[r])
@@ -490,9 +502,13 @@ def _rank_rows(
             values.sort()
             below[r, :cut] = values.searchsorted(t[:cut])
             at_or_below[r, :cut] = values.searchsorted(t[:cut], side="right")
-        for j in range(cut, int(num_pos[r])):  # two comparison passes per positive beyond the cut
-            below[r, j] = np.count_nonzero(row < t[j])
-            at_or_below[r, j] = below[r, j] + np.count_nonzero(row == t[j])
+        if not compiled:
+            for j in range(cut, int(num_pos[r])):  # two comparison passes per positive beyond the cut
+                below[r, j] = np.count_nonzero(row < t[j])
+                at_or_below[r, j] = below[r, j] + np.count_nonzero(row == t[j])
+    if compiled and partial.size:  # the same passes for every such row and positive, fused and compiled
+        scan.count_between(dist, rows[partial], partial, thresholds, sorted_count[partial], num_pos[partial], below,
+                           at_or_below)  # fmt: skip
     tied |= at_or_below - below > 1
 
     rank0 = below - junk_below  # kept items strictly below each positive
