@@ -32,7 +32,6 @@ def _kernel():
         logger.info("numba is not installed: evaluate_rank counts with NumPy's comparison passes")
         return None
 
-    @numba.njit(nogil=True, cache=True)
     def count_rows(dist, dist_rows, out_rows, thresholds, lo, hi, below, at_or_below):  # pragma: no cover - compiled
         num_gallery = dist.shape[1]
         for i in range(dist_rows.shape[0]):
@@ -49,7 +48,11 @@ def _kernel():
                 below[r, j] = less
                 at_or_below[r, j] = less + same
 
-    return count_rows
+    try:  # cached on disk next to this file, or in numba's user cache folder
+        return numba.njit(nogil=True, cache=True)(count_rows)
+    except RuntimeError as exc:  # no writable cache location (a read-only image): compile in each process
+        logger.info("numba cannot cache the comparison passes (%s); compiling them in this process", exc)
+        return numba.njit(nogil=True)(count_rows)
 
 
 def available() -> bool:
