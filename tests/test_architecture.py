@@ -130,9 +130,11 @@ def test_nothing_imports_a_job():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 named = [node.module.split(".")[0]]
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                call = ast.get_source_segment(text, node) or ""
                 loads = node.func.attr in ("spec_from_file_location", "import_module")
-                extends = node.func.attr in ("insert", "append") and call.startswith("sys.path.")
+                if not loads and node.func.attr not in ("insert", "append"):
+                    continue  # ast.get_source_segment re-splits the file: only for the calls that matter
+                call = ast.get_source_segment(text, node) or ""
+                extends = not loads and call.startswith("sys.path.")
                 named = ["jobs"] if (loads or extends) and re.search(r"\bjobs\b", call) else []
             else:
                 continue

@@ -70,7 +70,8 @@ def planted(mlflow_only, tmp_path_factory):
             ("generator", Planted(str(marker), (16,)), torch.randn(2, 16)),
         ]:
             mlflow.pytorch.log_model(model, name=name, serialization_format="pickle", input_example=example.numpy(),
-                                     registered_model_name=f"planted-{name}-{tag}")  # fmt: skip
+                                     registered_model_name=f"planted-{name}-{tag}",
+                                     pip_requirements=["torch"])  # not inferred: ~5 s each  # fmt: skip
     gen = build_model("dcgan_generator", z_dim=16, width=8, image_size=IMAGE_SIZE).eval()
     tracking.log_and_register_pytorch_model(uri, run_id, gen, name="safe", registered_model=f"safe-gen-{tag}",
                                             input_example=torch.randn(2, 16).numpy())  # fmt: skip
