@@ -5,12 +5,11 @@ whether another item ties with it). NumPy answers one threshold with two passes 
 ``row == t``) that allocate a boolean row each: ~0.4 ns per item and positive. Sorting the whole row answers every
 positive at once, but NumPy's sort costs from ~2 ns per item (its AVX-512 sort on Intel cores) to ~20 ns (the
 generic introsort it falls back to elsewhere, AMD EPYC included). ``count_between`` makes both counts in one fused
-loop that the compiler vectorises, without temporaries: ~0.05–0.1 ns per item and positive, so that counting the
-~25 positives of an MSMT17 query costs ~2 ns per item on any x86 core. It is compiled by numba and runs without the
-GIL, so the thread pool of ``evaluate_rank`` ranks blocks of rows in parallel.
+loop that the compiler vectorises, without temporaries: ~0.1 ns per item and positive, so that counting the
+~25 positives of an MSMT17 query costs ~2.5 ns per item (measured on a 2-core AMD EPYC VM). It is compiled by numba
+and runs without the GIL, so the thread pool of ``evaluate_rank`` ranks blocks of rows in parallel.
 
-``available()`` is False when numba is missing or cannot compile here; the ranking then keeps its NumPy passes, with
-identical results.
+``available()`` is False when numba is not installed; the ranking then keeps its NumPy passes, with identical results.
 """
 
 from __future__ import annotations
