@@ -353,3 +353,18 @@ def test_compiled_passes_count_below_and_at_or_below_exactly(dtype):
             want_at = np.where(asked, (dist[r][None, :] <= thresholds[i][:, None]).sum(axis=1), -1)
             np.testing.assert_array_equal(below[i], want_below)
             np.testing.assert_array_equal(at_or_below[i], want_at)
+
+
+def test_compiled_passes_refuse_what_they_cannot_count(monkeypatch):
+    """Rows too long for the int32 counters are refused before any work (a zero-stride view: no 8 GiB allocated),
+    and a missing numba is one clear error, not an AttributeError from deep inside."""
+    index = np.zeros(1, dtype=np.int64)
+    out = np.zeros((1, 1), dtype=np.int64)
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=np.float32), shape=(1, 2**31), strides=(0, 0))
+    with pytest.raises(ValueError, match=r"rows of 2147483648 items overflow the passes' int32 counters"):
+        scan.count_between(huge, index, index, np.zeros((1, 1), np.float32), index, index + 1, out, out)
+    monkeypatch.setattr(scan, "_kernel", lambda: None)
+    assert not scan.available()
+    with pytest.raises(RuntimeError, match="need numba, which is not installed"):
+        scan.count_between(np.zeros((1, 4), np.float32), index, index, np.zeros((1, 1), np.float32), index,
+                           index + 1, out, out)  # fmt: skip
