@@ -1,12 +1,14 @@
 """Data throughput from S3: images/s of each way of reading a dataset, all measured in one run against the loopback S3.
 
-The loopback S3 server (moto) answers a small GET in well under a millisecond, so on its own it cannot show what
-requests in flight buy against real S3 (tens of ms per GET). A small reverse proxy in front of it
-(``devstack.proxy``, its own process on 127.0.0.1) adds ``--latency-ms`` (default 20) to every request; every source
-is measured without and with it, on the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG):
+The loopback S3 server answers a small GET in about a millisecond, so on its own it cannot show what requests in
+flight buy against real S3 (tens of ms per GET). A TCP pipe in front of it (``devstack.proxy --tcp``, its own process
+on 127.0.0.1) delays every request by ``--latency-ms`` (default 20); every source is measured without and with it, on
+the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG). The server is SeaweedFS's S3 gateway
+(``--s3-server``, default seaweedfs): on a GPU node S3's CPU is not the node's, and here moto's 6 ms of CPU per GET
+on the same 2 cores would measure the server rather than the loader (docs/experiments.md).
 
-  sequential   one ``storage.read_bytes`` per image, one after the other (what a naive Dataset does)
-  concurrent   ``storage.read_many``: per-object GETs, up to 64 in flight (s3fs async)
+  sequential   one ``storage.read_bytes`` per image, one after the other (what a naive Dataset does; s3fs)
+  concurrent   ``storage.read_many``: one GET per object, up to 64 in flight (obstore)
   shards       the same images packed (``jobs/pack_dataset.py``), read by ``read_record_bytes`` in pack order:
                merged ranged reads of the shards
   local disk   the same files from a local folder
@@ -19,7 +21,7 @@ Targets, with latency: concurrent ≥ 4× sequential; shards ≥ 5× sequential;
 Figures are medians over interleaved rounds (ratios: medians of per-round ratios), printed with their verdicts and
 written to bench/results.json.
 
-    .venv/bin/python bench/data_throughput.py [--quick] [--latency-ms 20] [--ids 100]
+    .venv/bin/python bench/data_throughput.py [--quick] [--latency-ms 20] [--ids 100] [--s3-server seaweedfs]
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "devstack.proxy", "--upstream", upstream, "--port", str(port),
-         "--latency-ms", str(latency_ms)],
+         "--latency-ms", str(latency_ms), "--tcp"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +63,7 @@ def start_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str
             urllib.request.urlopen(url + "/", timeout=2).read()
             return proc, url
         except urllib.error.HTTPError:
-            return proc, url  # moto answered through the proxy
+            return proc, url  # the server answered through the pipe
         except OSError:
             time.sleep(0.2)
     proc.kill()
@@ -148,6 +150,8 @@ def main() -> int:
     parser.add_argument("--ids", type=int, default=None, help="identities of the synthetic set (12 images each)")
     parser.add_argument("--shard-mb", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    parser.add_argument("--s3-server", choices=("seaweedfs", "moto"), default="seaweedfs",
+                        help="the loopback S3 server (default seaweedfs; moto is what the tests use)")  # fmt: skip
     args = parser.parse_args()
     if args.latency_ms < 0:
         print(f"error: --latency-ms {args.latency_ms} must be >= 0", file=sys.stderr)
@@ -181,7 +185,8 @@ def main() -> int:
 
     report = Report("bench/data_throughput.py", quick=args.quick)
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(root=Path(tmp) / "stack", ports=Ports.free(), services=("s3",), bucket="bench-data")
+        stack = Stack(root=Path(tmp) / "stack", ports=Ports.free(), services=("s3",), bucket="bench-data",
+                      s3_server=args.s3_server)  # fmt: skip
         stack.up()
         proxy = None
         try:
@@ -202,7 +207,8 @@ def main() -> int:
             local_paths = [os.path.join(local, r.path[len(src) + 1 :]) for r in images]
             mb = sum(len(v) for k, v in files.items() if k.endswith(".jpg")) / 1e6
             print(f"{len(urls)} images ({mb:.1f} MB, mean {mb * 1e3 / len(urls):.1f} KB) in {src}; "
-                  f"{len(index['shards'])} shards of ≤ {args.shard_mb} MB; latency proxy: {args.latency_ms} ms/request")  # fmt: skip
+                  f"{len(index['shards'])} shards of ≤ {args.shard_mb} MB; S3 server: {args.s3_server}; "
+                  f"latency pipe: {args.latency_ms} ms/request")  # fmt: skip
 
             proxy, proxy_url = start_proxy(stack.s3_endpoint, args.latency_ms)
             slow = storage.resolve_settings(proxy_url)
@@ -232,7 +238,7 @@ def main() -> int:
             if proxy is not None:
                 proxy.terminate()
                 proxy.wait(timeout=30)
-            stack.down()
+            stack.down(kill=True)  # its objects are this run's: no graceful stop needed (SeaweedFS's takes ~15 s)
 
     labels = list(rounds[0])
     sources = list(rounds[0][labels[0]])

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -275,12 +277,92 @@ class FaultProxy:
         return response
 
 
+class _DelayedClient(asyncio.Protocol):
+    """One client connection of ``serve_latency_pipe``: its bytes reach the upstream ``latency`` s after they
+    arrived, in order; the upstream's answer goes back at once."""
+
+    def __init__(self, upstream: tuple[str, int], latency: float) -> None:
+        self.upstream, self.latency = upstream, latency
+        self.pending: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.client: asyncio.Transport | None = None
+        self.server: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    def connection_made(self, transport) -> None:
+        self.client = transport
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._connect(loop))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            self.server, _ = await loop.create_connection(lambda: _Answer(self.client), *self.upstream)
+        except OSError:
+            self.client.abort()
+            return
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.pending.append((asyncio.get_running_loop().time() + self.latency, data))
+        if self.timer is None and self.server is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self.pending and self.pending[0][0] <= now:
+            self.server.write(self.pending.popleft()[1])
+        if self.pending:
+            self.timer = loop.call_at(self.pending[0][0], self._flush)
+        elif self.closing:
+            self.server.close()
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if self.server is not None and not self.pending:
+            self.server.close()
+
+
+class _Answer(asyncio.Protocol):
+    def __init__(self, client: asyncio.Transport) -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def connection_lost(self, exc) -> None:
+        self.client.close()
+
+
+async def serve_latency_pipe(upstream: str, port: int, latency_ms: float) -> None:
+    """A TCP pipe on 127.0.0.1:``port`` to ``upstream`` (``http://HOST:PORT``) that delays every byte the client sends
+    by ``latency_ms``: each HTTP request arrives that much later, as over a network with that one-way delay. It does
+    not parse HTTP, so it costs a small share of ``FaultProxy``'s CPU per request; benchmarks that only need latency
+    use it (``--tcp``), so that the proxy's own CPU does not compete with what they measure. Runs until cancelled."""
+    parsed = urllib.parse.urlsplit(upstream)
+    target = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _DelayedClient(target, latency_ms / 1000), "127.0.0.1", port,
+                                      reuse_address=True)  # fmt: skip
+    async with server:
+        await server.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Loopback HTTP reverse proxy with added latency (benchmarks).")
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of the service")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
+    parser.add_argument("--tcp", action="store_true",
+                        help="delay bytes at the TCP level instead of proxying HTTP (no faults; little CPU)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.tcp:
+        try:
+            asyncio.run(serve_latency_pipe(args.upstream, args.port, args.latency_ms))
+        except KeyboardInterrupt:
+            pass
+        return 0
     proxy = FaultProxy(args.upstream, port=args.port, latency_ms=args.latency_ms).start()
     try:
         while True:

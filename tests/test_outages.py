@@ -105,6 +105,30 @@ def test_a_throttled_read_is_retried(s3_url, s3_proxy):
     assert s3_proxy.count("GET", target, outcome="forwarded") == 1
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "reason", "transient"),
+    [
+        (503, "SlowDown", r"request failed \(HTTP 503 Service Unavailable, SlowDown\)", True),
+        (500, "InternalError", r"request failed \(HTTP 500 Internal Server Error, InternalError\)", True),
+        (403, "AccessDenied", r"access denied \(check AWS_ACCESS_KEY_ID", False),
+        (400, "InvalidRequest", r"request failed \(HTTP 400 Bad Request, InvalidRequest\)", False),
+    ],
+)
+def test_failed_reads_are_one_line_that_says_whether_to_retry(s3_url, s3_proxy, status, code, reason, transient):
+    """Every request answered with an error: the message keeps the status and S3's code, names the object, endpoint
+    and bucket, and is one line (obstore's own message carries its retry state and a debug dump)."""
+    files = _objects(s3_url, 2)
+    s3_proxy.add_hook(lambda method, path: Fail(status, code))
+    with pytest.raises(
+        storage.StorageError, match=rf"^S3 {reason}.*: s3://.*\(endpoint {s3_proxy.url}, bucket "
+    ) as err:
+        storage.read_many(list(files), _via(s3_proxy, max_attempts=2))
+    assert "\n" not in str(err.value) and "Debug" not in str(err.value)
+    assert err.value.transient is transient
+    # 5xx answers are retried (2 attempts per object here), the others are not.
+    assert s3_proxy.count(outcome=f"failed {status}") == (2 if transient else 1) * len(files)
+
+
 # ------------------------------------------------------------------------------------------------ MLflow
 @pytest.fixture(autouse=True)
 def quick_mlflow_retries(monkeypatch):

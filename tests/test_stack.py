@@ -68,6 +68,36 @@ def test_stack_up_twice_then_down_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "st/state.json").exists() and not (tmp_path / "st/env").exists()
 
 
+def test_seaweedfs_serves_the_same_storage_calls_and_stops_with_the_stack(tmp_path):
+    """The benchmarks' S3 server: every read path of ``storage`` against it, and nothing left running after ``down``."""
+    from reid_core import storage
+
+    stack = Stack(root=tmp_path / "st", ports=Ports.free(), services=("s3",), bucket="sw-test", s3_server="seaweedfs")
+    stack.up()
+    try:
+        pid = stack.processes["s3"].pid
+        assert json.loads((tmp_path / "st/state.json").read_text())["s3_server"] == "seaweedfs"
+        settings = storage.S3Settings(endpoint_url=stack.s3_endpoint, key="testing", secret="testing")
+        files = {f"s3://sw-test/d/{i}.bin": bytes([i]) * (100 + i) for i in range(5)}
+        storage.write_many(files, settings)
+        assert storage.read_many(list(files), settings) == files
+        assert storage.read_bytes("s3://sw-test/d/1.bin", settings) == files["s3://sw-test/d/1.bin"]
+        assert storage.read_ranges([("s3://sw-test/d/2.bin", 1, 4)], settings) == [bytes([2]) * 3]
+        assert storage.list_files("s3://sw-test/d", settings) == sorted(files)
+        with pytest.raises(FileNotFoundError, match="object not found: s3://sw-test/d/missing.bin"):
+            storage.read_many(["s3://sw-test/d/0.bin", "s3://sw-test/d/missing.bin"], settings)
+        with pytest.raises(storage.StorageError, match="bucket does not exist"):
+            storage.read_many(["s3://no-such-bucket/x"], settings)
+    finally:
+        stack.down(kill=True)
+    assert group_members(pid) == []
+
+
+def test_an_unknown_s3_server_is_refused(tmp_path):
+    with pytest.raises(StackError, match="unknown S3 server 'minio'; valid: moto, seaweedfs"):
+        Stack(root=tmp_path, s3_server="minio")
+
+
 def test_a_service_that_fails_to_start_is_named_with_its_log(tmp_path):
     busy = Ports.free()
     import socket
@@ -90,3 +120,39 @@ def test_free_ports_are_distinct():
         ports = list(vars(Ports.free()).values())
         assert len(set(ports)) == len(ports)
     assert len(set(free_ports(20))) == 20
+
+
+def test_the_latency_pipe_delays_each_request_and_passes_bytes_through(s3_server, s3_env, tmp_path):
+    """``devstack.proxy --tcp`` (the benchmarks' latency): every request waits the latency, requests in flight wait
+    it together, and the bytes arrive unchanged."""
+    import time
+
+    from devstack.stack import free_port
+    from reid_core import storage
+
+    files = {f"s3://{s3_server.bucket}/pipe/{i}.bin": bytes(range(256)) * (i + 1) for i in range(32)}
+    storage.write_many(files)
+    port = free_port()
+    pipe = subprocess.Popen([sys.executable, "-m", "devstack.proxy", "--upstream", s3_server.s3_endpoint, "--port",
+                             str(port), "--latency-ms", "200", "--tcp"])  # fmt: skip
+    try:
+        via = storage.S3Settings(endpoint_url=f"http://127.0.0.1:{port}", key="testing", secret="testing")
+        deadline = time.monotonic() + 30
+        while True:  # the pipe is listening once a read through it succeeds
+            try:
+                storage.read_many([next(iter(files))], via)
+                break
+            except storage.StorageError:
+                assert time.monotonic() < deadline and pipe.poll() is None, "the latency pipe did not start"
+                time.sleep(0.2)
+        t0 = time.monotonic()
+        assert storage.read_many([next(iter(files))], via) == {next(iter(files)): next(iter(files.values()))}
+        one = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert storage.read_many(list(files), via, batch_size=32) == files
+        many = time.monotonic() - t0
+    finally:
+        pipe.terminate()
+        pipe.wait(timeout=30)
+    assert one >= 0.2
+    assert many < 0.2 * len(files) / 4  # 32 requests in flight share the wait (one after another: 6.4 s)

@@ -44,6 +44,63 @@ def test_read_many_names_the_missing_object(s3_url):
         storage.read_many([f"{s3_url}/ok.bin", f"{s3_url}/missing.bin"])
 
 
+def test_a_missing_object_in_a_bucket_named_bucket_is_a_missing_object(s3_env):
+    """Whether the bucket or the object is missing is told by S3's answer, not by the word "bucket" in the URL."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
+        Bucket="my-bucket-data"
+    )
+    storage.write_bytes("s3://my-bucket-data/ok.bin", b"1")
+    for read in (
+        lambda: storage.read_bytes("s3://my-bucket-data/bucket/missing.bin"),
+        lambda: storage.read_many(["s3://my-bucket-data/ok.bin", "s3://my-bucket-data/bucket/missing.bin"]),
+    ):
+        with pytest.raises(FileNotFoundError, match=r"object not found: s3://my-bucket-data/bucket/missing.bin"):
+            read()
+
+
+def test_read_many_is_one_get_per_object_and_works_inside_an_event_loop(s3_url, s3_proxy):
+    """The loader's path: one request per object (no HEAD first), and callable from a coroutine (Ray async actors)."""
+    import asyncio
+
+    files = {f"{s3_url}/e/{i}.bin": bytes([i]) * (i + 1) for i in range(10)}
+    storage.write_many(files)
+    via = storage.S3Settings(endpoint_url=s3_proxy.url, key="testing", secret="testing")
+    assert storage.read_many(list(files), via, batch_size=4) == files
+    assert s3_proxy.count() == s3_proxy.count("GET", outcome="forwarded") == len(files)
+
+    async def from_a_coroutine():
+        return storage.read_many(list(files), via)
+
+    assert asyncio.run(from_a_coroutine()) == files
+
+
+def test_a_process_forked_after_reads_still_reads(s3_url):
+    """obstore's runtime does not survive a fork (a read in the child would wait forever): the child reads through
+    s3fs instead, with the same result."""
+    import multiprocessing
+
+    files = {f"{s3_url}/f/{i}.bin": bytes([i]) * 8 for i in range(3)}
+    storage.write_many(files)
+    assert storage.read_many(list(files)) == files  # the parent's obstore runtime is running now
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_read_into, args=(list(files), queue))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == files
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+
+
+def _read_into(urls, queue) -> None:
+    queue.put(storage.read_many(urls))
+
+
 def test_local_paths_behave_the_same(tmp_path):
     root = str(tmp_path / "d")
     storage.write_many({f"{root}/x/{i}.bin": b"z" for i in range(3)})
