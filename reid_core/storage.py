@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import fsspec
 
@@ -199,9 +199,10 @@ def _wrap(exc: Exception, url: str, settings: S3Settings | None) -> StorageError
         return StorageError(f"{url}: {exc}")
     bucket, _ = split_s3(url)
     settings = settings or resolve_settings()
-    reason = _describe_s3_error(exc)
+    reason = _describe_s3_error(exc, url)
     return StorageError(
-        f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})", transient=_is_transient(exc, reason)
+        f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})",
+        transient=_is_transient(exc, reason, url),
     )
 
 
@@ -211,13 +212,13 @@ _TRANSIENT = ("slowdown", "serviceunavailable", "service unavailable", "internal
 _SERVER_STATUS = re.compile(r"\b50[0234]\b")  # a 5xx status, not digits inside a port or a key
 
 
-def _is_transient(exc: BaseException, reason: str) -> bool:
+def _is_transient(exc: BaseException, reason: str, url: str = "") -> bool:
     """Worth retrying later: the endpoint was unreachable, cut the connection, throttled or failed on its side."""
     if reason in ("endpoint is unreachable", "endpoint closed the connection on every attempt"):
         return True
     if isinstance(exc, PermissionError | FileNotFoundError):
         return False
-    text = f"{type(exc).__name__}: {exc}".lower()
+    text = _error_text(exc, url).lower()
     return any(s in text for s in _TRANSIENT) or bool(_SERVER_STATUS.search(text))
 
 
@@ -287,13 +288,27 @@ _DENIED = (
 
 def _not_found(exc: FileNotFoundError, url: str, settings: S3Settings | None) -> Exception:
     """A missing bucket is a storage problem (``StorageError``), a missing object a ``FileNotFoundError``."""
-    if is_s3(url) and _describe_s3_error(exc) == "bucket does not exist":  # by S3's words: a bucket may be "my-bucket"
+    if (
+        is_s3(url) and _describe_s3_error(exc, url) == "bucket does not exist"
+    ):  # by S3's words: a bucket may be "my-bucket"
         return _wrap(exc, url, settings)
     return FileNotFoundError(f"object not found: {url}")
 
 
-def _describe_s3_error(exc: BaseException) -> str:
+def _error_text(exc: BaseException, url: str = "") -> str:
+    """The error's type and message with the object's path taken out: errors are classified by their words, and a key
+    such as ``img/503-timeout.jpg`` or ``nosuchbucket/x.jpg`` must not read as a server error or a missing bucket."""
     text = f"{type(exc).__name__}: {exc}"
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        path = f"{bucket}/{key}"
+        for form in sorted({path, quote(path), quote(path, safe="")}, key=len, reverse=True):
+            text = text.replace(form, "<object>")
+    return text
+
+
+def _describe_s3_error(exc: BaseException, url: str = "") -> str:
+    text = _error_text(exc, url)
     lowered = text.lower()
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "specified bucket does not exist" in lowered:
         return "bucket does not exist"
@@ -480,10 +495,10 @@ def _object_store_error(exc: Exception, url: str, settings: S3Settings | None) -
     and the S3 error code are kept."""
     bucket, _ = split_s3(url)
     settings = settings or resolve_settings()
-    text = str(exc).split("\n\nDebug source", 1)[0]
+    text = _error_text(exc, url).split("\n\nDebug source", 1)[0]
     code = _s3_code(text)
     status = re.search(r"status code: (\d{3})( [A-Za-z ]+)?", text)
-    lowered = text.lower()
+    lowered = re.sub(r"retry_timeout: \S+", "", text.lower())  # obstore's retry settings, in every retried error
     if type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError") or (code or "").lower() in _DENIED:
         reason, transient = ACCESS_DENIED, False
     elif code == "NoSuchBucket":
@@ -494,7 +509,7 @@ def _object_store_error(exc: Exception, url: str, settings: S3Settings | None) -
     elif any(s in lowered for s in ("error sending request", "connection refused", "connect", "timed out", "timeout")):
         reason, transient = "endpoint is unreachable", True
     else:
-        reason, transient = f"request failed ({type(exc).__name__}: {text.splitlines()[0] if text else ''})", False
+        reason, transient = f"request failed ({text.splitlines()[0]})", False
     return StorageError(f"S3 {reason}: {url} (endpoint {settings.describe()}, bucket {bucket!r})", transient=transient)
 
 
@@ -529,7 +544,8 @@ def _read_ranges(requests: list[tuple[str, int, int]], settings: S3Settings | No
             missing = _not_found(value, url, settings)
             raise missing if isinstance(missing, StorageError) else StorageError(str(missing))
         if isinstance(value, Exception):
-            if "range is not satisfiable" in str(value).lower() or "invalidrange" in str(value).lower():
+            text = _error_text(value, url).lower()
+            if "range is not satisfiable" in text or "invalidrange" in text:
                 raise RangeNotSatisfiableError(f"{url}: a requested range starts past the end of the object", url)
             raise _wrap(value, url, settings) from value
     return got

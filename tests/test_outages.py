@@ -5,6 +5,7 @@ training job, are in ``test_faults.py``)."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -127,6 +128,39 @@ def test_failed_reads_are_one_line_that_says_whether_to_retry(s3_url, s3_proxy, 
     assert err.value.transient is transient
     # 5xx answers are retried (2 attempts per object here), the others are not.
     assert s3_proxy.count(outcome=f"failed {status}") == (2 if transient else 1) * len(files)
+
+
+NAMES_THAT_SPELL_ERRORS = ["img/503-timeout.jpg", "connection refused/500.jpg", "nosuchbucket/slowdown.jpg",
+                           "the specified bucket does not exist/x.jpg"]  # fmt: skip
+
+
+def test_a_missing_object_whose_name_spells_an_error_is_a_missing_object(s3_url, s3_proxy):
+    """Errors are classified by their words, and the messages quote the object's path: its name must not count."""
+    for url in (f"{s3_url}/{name}" for name in NAMES_THAT_SPELL_ERRORS):
+        for read in (
+            lambda u=url: storage.read_many([u], _via(s3_proxy)),
+            lambda u=url: storage.read_bytes(u, _via(s3_proxy)),
+        ):
+            with pytest.raises(FileNotFoundError, match=f"object not found: {re.escape(url)}"):
+                read()
+
+
+@pytest.mark.parametrize("fault", [Fail(403, "AccessDenied"), Fail(400, "InvalidRequest")])
+def test_a_refused_read_whose_name_spells_an_error_is_not_retried(s3_url, s3_proxy, fault):
+    """Keys that spell a server error, a timeout or a missing bucket: still a refused request, never retried for the
+    whole outage budget."""
+    files = {f"{s3_url}/{name}": b"x" for name in NAMES_THAT_SPELL_ERRORS}
+    storage.write_many(files)
+    s3_proxy.add_hook(lambda method, path: fault)
+    for url in files:
+        for read in (
+            lambda u=url: storage.read_many([u], _via(s3_proxy)),
+            lambda u=url: storage.read_bytes(u, _via(s3_proxy)),
+        ):
+            with pytest.raises(storage.StorageError) as err:
+                read()
+            assert not err.value.transient, str(err.value)
+            assert str(err.value).startswith(("S3 access denied", "S3 request failed")), str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
