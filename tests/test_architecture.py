@@ -22,6 +22,7 @@ OWNERS = {
     "boto3": {"reid_core/storage.py"},
     "botocore": {"reid_core/storage.py"},
     "pyarrow": {"reid_core/storage.py"},
+    "obstore": {"reid_core/storage.py"},
 }
 
 
