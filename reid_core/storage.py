@@ -288,9 +288,8 @@ _DENIED = (
 
 def _not_found(exc: FileNotFoundError, url: str, settings: S3Settings | None) -> Exception:
     """A missing bucket is a storage problem (``StorageError``), a missing object a ``FileNotFoundError``."""
-    if (
-        is_s3(url) and _describe_s3_error(exc, url) == "bucket does not exist"
-    ):  # by S3's words: a bucket may be "my-bucket"
+    # By S3's words, not by the word "bucket": the bucket may be "my-bucket", the key "bucket/x.jpg".
+    if is_s3(url) and _describe_s3_error(exc, url) == "bucket does not exist":
         return _wrap(exc, url, settings)
     return FileNotFoundError(f"object not found: {url}")
 
@@ -475,7 +474,7 @@ def _get_objects(urls: list[str], settings: S3Settings | None, batch_size: int) 
             got = pool.submit(asyncio.run, get_all()).result()
     out: dict[str, bytes] = {}
     for url, value in zip(urls, got, strict=True):
-        if isinstance(value, FileNotFoundError) and not _s3_code(str(value)) == "NoSuchBucket":
+        if isinstance(value, FileNotFoundError) and _s3_code(_error_text(value, url)) != "NoSuchBucket":
             raise FileNotFoundError(f"object not found: {url}") from None
         if isinstance(value, Exception):
             raise _object_store_error(value, url, settings) from value
@@ -506,7 +505,7 @@ def _object_store_error(exc: Exception, url: str, settings: S3Settings | None) -
     elif status:
         what = f"HTTP {status.group(1)}{(status.group(2) or '').rstrip()}" + (f", {code}" if code else "")
         reason, transient = f"request failed ({what})", status.group(1).startswith("5")
-    elif any(s in lowered for s in ("error sending request", "connection refused", "connect", "timed out", "timeout")):
+    elif any(s in lowered for s in ("error sending request", "connection", "timed out", "timeout")):
         reason, transient = "endpoint is unreachable", True
     else:
         reason, transient = f"request failed ({text.splitlines()[0]})", False

@@ -68,6 +68,7 @@ def test_stack_up_twice_then_down_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "st/state.json").exists() and not (tmp_path / "st/env").exists()
 
 
+@pytest.mark.slow
 def test_seaweedfs_serves_the_same_storage_calls_and_stops_with_the_stack(tmp_path):
     """The benchmarks' S3 server: every read path of ``storage`` against it, and nothing left running after ``down``."""
     from reid_core import storage
