@@ -12,6 +12,8 @@ on the same 2 cores would measure the server rather than the loader (docs/experi
   shards       the same images packed (``jobs/pack_dataset.py``), read by ``read_record_bytes`` in pack order:
                merged ranged reads of the shards
   local disk   the same files from a local folder
+  CPU per GET  ms of CPU per GET, 64 in flight with latency, in the client (obstore's ``read_many``, and s3fs's
+               ``cat`` for comparison: what ``read_many`` used before 2026-12-07), the S3 server and the pipe
   loader       what training gets: ``ReIDDataset`` (decode + the demo's transforms) with the P×K sampler and the
                demo's DataLoader settings, plain and packed, against the training step's consumption: a forward/
                backward/SGD step of the demo's model at its batch and image size (configs/reid_demo.yaml), one
@@ -76,6 +78,22 @@ def rate(fn, images: int) -> float:
     t0 = time.perf_counter()
     fn()
     return images / (time.perf_counter() - t0)
+
+
+def cpu_per_get(fn, gets: int, others: dict) -> dict[str, float]:
+    """ms of CPU per GET while ``fn()`` makes ``gets`` GETs: in this process (every thread: obstore's runtime too) and
+    in each of ``others`` ({name: psutil.Process}: the S3 server, the latency pipe)."""
+
+    def cpu(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    before = {name: cpu(p) for name, p in others.items()}
+    c0 = time.process_time()
+    fn()
+    out = {"client": (time.process_time() - c0) * 1e3 / gets}
+    out.update({name: (cpu(p) - before[name]) * 1e3 / gets for name, p in others.items()})
+    return out
 
 
 def chunks(items: list, size: int):
@@ -159,6 +177,7 @@ def main() -> int:
 
     import logging
 
+    import psutil
     import torch
 
     from devstack.stack import Ports, Stack
@@ -212,6 +231,9 @@ def main() -> int:
 
             proxy, proxy_url = start_proxy(stack.s3_endpoint, args.latency_ms)
             slow = storage.resolve_settings(proxy_url)
+            others = {"server": psutil.Process(stack.processes["s3"].pid), "pipe": psutil.Process(proxy.pid)}
+            s3fs, s3fs_paths = storage.s3_filesystem(slow), [u[len("s3://") :] for u in urls]
+            cpu_rounds: list[dict[str, dict[str, float]]] = []  # per round: {client: {client/server/pipe: ms}}
             rounds: list[dict[str, dict[str, float]]] = []  # per round: {latency label: {source: images/s}}
             step_rounds: list[float] = []
             max_batches = 6 if args.quick else 20
@@ -234,6 +256,12 @@ def main() -> int:
                         "loader (packed)": loader_rate(packed.train, cfg, settings, max_batches, epoch=round_),
                     }  # fmt: skip
                 step_rounds.append(step_rate(cfg, plain.num_train_pids, steps))
+                cpu_rounds.append({
+                    "obstore": cpu_per_get(lambda: [storage.read_many(c, slow, batch_size=64) for c in chunks(urls, 256)],
+                                           len(urls), others),
+                    "s3fs": cpu_per_get(lambda: [s3fs.cat(c, batch_size=64) for c in chunks(s3fs_paths, 256)],
+                                        len(urls), others),
+                })  # fmt: skip
         finally:
             if proxy is not None:
                 proxy.terminate()
@@ -256,10 +284,22 @@ def main() -> int:
         )
 
     slow_label = labels[1]
+    print(f"\n{'CPU per GET, ms':<18}{'client':>10}{'server':>10}{'pipe':>10}   ({slow_label} per request, 64 in flight, "
+          f"{args.s3_server}; median of {repeats} rounds)")  # fmt: skip
+    for client in ("obstore", "s3fs"):
+        print(f"{client:<18}" + "".join(f"{med(r[client][part] for r in cpu_rounds):>10.2f}"
+                                        for part in ("client", "server", "pipe")))  # fmt: skip
+
     for source in ("sequential", "concurrent", "shards", "loader (plain)", "loader (packed)"):
         report.figure(f"{source} reads, {slow_label} per request", med(r[slow_label][source] for r in rounds),
                       "images/s")  # fmt: skip
     report.figure(f"training step ({model})", med(step_rounds), "images/s")
+    for client, how in (("obstore", "storage.read_many"), ("s3fs", "s3fs cat")):
+        report.figure(f"client CPU per GET, {client} ({how}), {slow_label} per request",
+                      med(r[client]["client"] for r in cpu_rounds), "ms")  # fmt: skip
+    report.figure(f"{args.s3_server} server CPU per GET (obstore's GETs)", med(r["obstore"]["server"] for r in cpu_rounds),
+                  "ms")  # fmt: skip
+    report.figure("latency pipe CPU per GET (obstore's GETs)", med(r["obstore"]["pipe"] for r in cpu_rounds), "ms")
     checks = [
         ("concurrent per-object GETs (64 in flight) / sequential reads", "concurrent", "sequential", 4.0),
         ("packed shards (merged ranged reads) / sequential reads", "shards", "sequential", 5.0),

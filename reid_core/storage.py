@@ -442,7 +442,7 @@ def _get_objects(urls: list[str], settings: S3Settings | None, batch_size: int) 
     """GET each object once, up to ``batch_size`` at a time, through obstore (Rust's ``object_store``).
 
     This is the training loader's path (``ReIDDataset`` reads each batch's images with ``read_many``). s3fs costs
-    3.4-4.3 ms of client CPU per small GET on the project's 2-core VM, obstore 0.15-0.4 ms, and pyarrow's S3
+    2.7-3.9 ms of client CPU per small GET on the project's 2-core VM, obstore 0.4-0.7 ms, and pyarrow's S3
     filesystem 0.8-0.9 ms for a HEAD and a GET (docs/experiments.md). On a GPU node the loader's CPUs decode images
     instead.
     """
