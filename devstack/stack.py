@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -292,6 +293,9 @@ class Stack:
                     except ProcessLookupError:
                         pass
                 _stop_group(rec.pid)  # after SIGKILL: reaps the leader and waits until the group is gone
+            for path in seaweedfs_sockets(rec.cmd):  # SeaweedFS leaves its gRPC sockets behind in the temp folder
+                if path.is_socket():
+                    path.unlink(missing_ok=True)
         self.processes = {}
         for path in (self.state_file, self.env_file):
             path.unlink(missing_ok=True)
@@ -544,6 +548,18 @@ RUNTIME_ENV_EXCLUDES = [
     ".stack/", ".venv/", ".git/", "/data/", "*.db", ".env", "mlruns/", "**/__pycache__/", ".pytest_cache/",
     ".ruff_cache/", ".hypothesis/", "*.egg-info/", "cluster/kuberay/crds/",
 ]  # fmt: skip
+
+
+def seaweedfs_sockets(cmd: list[str]) -> list[Path]:
+    """The Unix sockets a ``weed server`` started with ``cmd`` opens next to its ports (in the temp folder, named by
+    service and port); [] for any other command."""
+    if not cmd or Path(cmd[0]).name != "weed":
+        return []
+    flags = dict(arg[1:].split("=", 1) for arg in cmd if arg.startswith("-") and "=" in arg)
+    names = {"master-grpc": "master.port.grpc", "volume-grpc": "volume.port.grpc", "filer": "filer.port",
+             "filer-grpc": "filer.port.grpc", "s3": "s3.port", "s3-grpc": "s3.port.grpc"}  # fmt: skip
+    folder = Path(tempfile.gettempdir())
+    return [folder / f"seaweedfs-{name}-{flags[flag]}.sock" for name, flag in names.items() if flags.get(flag)]
 
 
 def _bin(name: str) -> str:

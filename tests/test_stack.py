@@ -71,12 +71,15 @@ def test_stack_up_twice_then_down_leaves_nothing_behind(tmp_path):
 @pytest.mark.slow
 def test_seaweedfs_serves_the_same_storage_calls_and_stops_with_the_stack(tmp_path):
     """The benchmarks' S3 server: every read path of ``storage`` against it, and nothing left running after ``down``."""
+    from devstack.stack import seaweedfs_sockets
     from reid_core import storage
 
     stack = Stack(root=tmp_path / "st", ports=Ports.free(), services=("s3",), bucket="sw-test", s3_server="seaweedfs")
     stack.up()
     try:
         pid = stack.processes["s3"].pid
+        sockets = seaweedfs_sockets(stack.processes["s3"].cmd)
+        assert len(sockets) == 6 and any(path.is_socket() for path in sockets)
         assert json.loads((tmp_path / "st/state.json").read_text())["s3_server"] == "seaweedfs"
         settings = storage.S3Settings(endpoint_url=stack.s3_endpoint, key="testing", secret="testing")
         files = {f"s3://sw-test/d/{i}.bin": bytes([i]) * (100 + i) for i in range(5)}
@@ -92,6 +95,7 @@ def test_seaweedfs_serves_the_same_storage_calls_and_stops_with_the_stack(tmp_pa
     finally:
         stack.down(kill=True)
     assert group_members(pid) == []
+    assert not any(path.exists() for path in sockets)  # nothing left in the temp folder
 
 
 def test_an_unknown_s3_server_is_refused(tmp_path):
