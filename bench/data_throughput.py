@@ -4,7 +4,7 @@ The loopback S3 server answers a small GET in about a millisecond, so on its own
 flight buy against real S3 (tens of ms per GET). A TCP pipe in front of it (``devstack.proxy --tcp``, its own process
 on 127.0.0.1) delays every request by ``--latency-ms`` (default 20); every source is measured without and with it, on
 the same synthetic MSMT17 images (person crops of 160×80 to 256×128, JPEG). The server is SeaweedFS's S3 gateway
-(``--s3-server``, default seaweedfs): on a GPU node S3's CPU is not the node's, and here moto's 6 ms of CPU per GET
+(``--s3-server``, default seaweedfs): on a GPU node S3's CPU is not the node's, and here moto's 2.6-6 ms of CPU per GET
 on the same 2 cores would measure the server rather than the loader (docs/experiments.md).
 
   sequential   one ``storage.read_bytes`` per image, one after the other (what a naive Dataset does; s3fs)
