@@ -22,7 +22,7 @@ ALLOWED_MODEL_LOADS = {"reid_core/tracking.py": 1}  # tracking.load_pytorch_mode
 ALLOWED_DELETES = {
     "reid_core/storage.py": 2,  # delete_files: its definition and its fs.rm of exactly the URLs it is given
     "reid_core/tracking.py": 1,  # the model's code folder in load_pytorch_model's own temporary download
-    "devstack/stack.py": 1,  # Stack.down: the stack's own state and env files
+    "devstack/stack.py": 2,  # Stack.down: the stack's own state and env files, and the sockets of the SeaweedFS it started
     "reid_core/workflows/packing.py": 1,  # the old pack's files, as shards.pack_files lists them (write_pack)
     "reid_core/workflows/distractors.py": 1,  # the old set's files, as check_output accepts them
     "reid_core/workflows/node_check.py": 1,  # its own previous gpu_check.json, the one name it writes
