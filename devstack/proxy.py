@@ -1,8 +1,9 @@
 """A loopback HTTP reverse proxy that adds latency and injects faults in front of a service of the embedded stack.
 
 The fault-injection tests (``tests/test_faults.py``) put one in front of the S3 server and one in front of MLflow and
-hand the proxies' addresses to the job; ``bench/data_throughput.py`` runs one as its own process
-(``python -m devstack.proxy --upstream URL --port N --latency-ms 20``) to give the loopback S3 a network's latency.
+hand the proxies' addresses to the job. ``bench/data_throughput.py`` runs the latency-only TCP pipe of this module as
+its own process (``python -m devstack.proxy --upstream URL --port N --latency-ms 20 --tcp``, ``serve_latency_pipe``)
+to give the loopback S3 a network's latency at little CPU.
 
 To the client the proxy *is* the service:
 
@@ -292,7 +293,7 @@ class _DelayedClient(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.client = transport
         loop = asyncio.get_running_loop()
-        loop.create_task(self._connect(loop))
+        self.connecting = loop.create_task(self._connect(loop))  # held: the loop keeps only a weak reference
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
