@@ -29,6 +29,7 @@ written to bench/results.json.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -171,8 +172,8 @@ def main() -> int:
     parser.add_argument("--s3-server", choices=("seaweedfs", "moto"), default="seaweedfs",
                         help="the loopback S3 server (default seaweedfs; moto is what the tests use)")  # fmt: skip
     args = parser.parse_args()
-    if args.latency_ms < 0:
-        print(f"error: --latency-ms {args.latency_ms} must be >= 0", file=sys.stderr)
+    if not math.isfinite(args.latency_ms) or args.latency_ms < 0:
+        print(f"error: --latency-ms {args.latency_ms} must be a finite number >= 0", file=sys.stderr)
         return 2
 
     import logging

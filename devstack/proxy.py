@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 import urllib.parse
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tcp", action="store_true",
                         help="delay bytes at the TCP level instead of proxying HTTP (no faults; little CPU)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not math.isfinite(args.latency_ms) or args.latency_ms < 0:
+        parser.error(f"--latency-ms {args.latency_ms}: expected a finite number of milliseconds >= 0")
     if args.tcp:
         try:
             asyncio.run(serve_latency_pipe(args.upstream, args.port, args.latency_ms))

@@ -448,6 +448,9 @@ def _get_objects(urls: list[str], settings: S3Settings | None, batch_size: int) 
     """
     import obstore
 
+    settings = settings or resolve_settings()  # once per call, not per object (it may read .stack/env)
+    stores = {bucket: object_store(bucket, settings) for bucket in {split_s3(u)[0] for u in urls}}
+
     async def get(store, key: str):
         try:
             result = await obstore.get_async(store, key)
@@ -461,7 +464,7 @@ def _get_objects(urls: list[str], settings: S3Settings | None, batch_size: int) 
         async def one(url: str):
             bucket, key = split_s3(url)
             async with gate:
-                return await get(object_store(bucket, settings), key)
+                return await get(stores[bucket], key)
 
         return await asyncio.gather(*(one(u) for u in urls))
 

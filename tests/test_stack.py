@@ -161,3 +161,18 @@ def test_the_latency_pipe_delays_each_request_and_passes_bytes_through(s3_server
         pipe.wait(timeout=30)
     assert one >= 0.2
     assert many < 0.2 * len(files) / 4  # 32 requests in flight share the wait (one after another: 6.4 s)
+
+
+@pytest.mark.parametrize("latency", ["nan", "inf", "-5"])
+def test_a_latency_that_is_not_a_finite_non_negative_number_is_refused(latency):
+    """The pipe (and the bench that starts it) refuse a NaN, infinite or negative latency in one line, starting
+    nothing."""
+    from pathlib import Path
+
+    proxy = subprocess.run([sys.executable, "-m", "devstack.proxy", "--upstream", "http://127.0.0.1:9", "--port", "9",
+                            f"--latency-ms={latency}", "--tcp"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proxy.returncode == 2 and "expected a finite number of milliseconds >= 0" in proxy.stderr, proxy.stderr
+    bench = Path(__file__).resolve().parents[1] / "bench" / "data_throughput.py"
+    run = subprocess.run([sys.executable, str(bench), f"--latency-ms={latency}"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "must be a finite number >= 0" in run.stderr, run.stderr
