@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import logging
 import math
 import threading
@@ -222,9 +223,11 @@ class FaultProxy:
             with self._lock:
                 self.outages[-1] = (self.outages[-1][0], time.monotonic())
 
-    def _record(self, method: str, path: str, outcome: str) -> None:
+    def _record(self, method: str, path: str, outcome: str) -> Seen:
+        seen = Seen(time.monotonic(), method, path, outcome)
         with self._lock:
-            self.seen.append(Seen(time.monotonic(), method, path, outcome))
+            self.seen.append(seen)
+        return seen
 
     async def _forward(self, request):
         from aiohttp import web
@@ -258,12 +261,15 @@ class FaultProxy:
             await asyncio.get_running_loop().run_in_executor(None, fault.release.wait, fault.timeout)
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
+        seen = None
         try:
             body = await request.read()
             headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
             url = URL(self.upstream + path, encoded=True)
             async with self._session.request(method, url, headers=headers, data=body, allow_redirects=False) as up:
                 data = await up.read()
+                # Recorded before the client can have the answer: a count taken after a response includes its request.
+                seen = self._record(method, path, "forwarded")
                 response = web.StreamResponse(status=up.status)
                 for key, value in up.headers.items():
                     if key.lower() not in HOP_BY_HOP - {"content-length"}:
@@ -273,9 +279,13 @@ class FaultProxy:
                     await response.write(data)
                 await response.write_eof()
         except ConnectionResetError:  # the client's connection was cut (an outage began) while this was forwarded
-            self._record(method, path, "cut")
+            with self._lock:
+                if seen is None:
+                    self.seen.append(Seen(time.monotonic(), method, path, "cut"))
+                else:  # the answer did not get through: the request counts as cut, once
+                    at = next(i for i in range(len(self.seen) - 1, -1, -1) if self.seen[i] is seen)
+                    self.seen[at] = dataclasses.replace(seen, outcome="cut")
             raise
-        self._record(method, path, "forwarded")
         return response
 
 

@@ -53,6 +53,15 @@ def s3_proxy(s3_server):
 
 
 @pytest.fixture(scope="session")
+def mlflow_stack(tmp_path_factory):
+    """Only an MLflow server (sqlite, artifacts served by it) on a free loopback port, shared by the registry tests
+    that need no Ray head (each names its models and experiments uniquely)."""
+    stack = _start(tmp_path_factory, "mlflow", ("mlflow",))
+    yield stack
+    stack.down(kill=True)
+
+
+@pytest.fixture(scope="session")
 def services_stack(tmp_path_factory, s3_server):
     """MLflow server (sqlite) and a Ray head on free loopback ports, next to ``s3_server``.
 
@@ -74,8 +83,8 @@ def single_process_group():
     from devstack.stack import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import deepspeed
+    from reid_core.train.deepspeed import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(use_gpu=False)
     yield
     dist.destroy_process_group()

@@ -100,3 +100,22 @@ def test_bf16_engines_cast_batchnorm_buffers_with_the_parameters(single_process_
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     engine.backward(out.float().pow(2).mean())
     engine.step()
+
+
+def test_the_cpu_backend_compiles_no_shared_memory_kernel(single_process_group):
+    """On the CPU, DeepSpeed's torch backend would JIT-compile its shared-memory all-reduce (an inference-only kernel)
+    at ``init_distributed``: ~25-40 s of C++ per fresh environment. ``init_distributed`` marks it unavailable, so the
+    backend starts without it and training's all-reduce goes through gloo."""
+    import deepspeed.ops
+    import torch
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    from reid_core.train.deepspeed import SHM_COMM_OP
+
+    assert deepspeed.ops.__compatible_ops__[SHM_COMM_OP] is False
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
+    assert dist.get_backend() == "gloo"
+    t = torch.ones(3)
+    comm.all_reduce(t)
+    assert t.tolist() == [1.0, 1.0, 1.0]  # world size 1: the sum is the tensor itself

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from devstack.stack import Ports, Stack
 from reid_core import tracking
 from reid_core.models import build_model
 
@@ -43,12 +42,9 @@ class Planted(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def mlflow_only(tmp_path_factory):
-    """A real MLflow server (sqlite, artifacts served by it) on a free loopback port, for this module only."""
-    stack = Stack(root=tmp_path_factory.mktemp("mlflow-only"), ports=Ports.free(), services=("mlflow",), bucket="x")
-    stack.up()
-    yield stack
-    stack.down(kill=True)
+def mlflow_only(mlflow_stack):
+    """A real MLflow server (sqlite, artifacts served by it) on a free loopback port: ``mlflow_stack``."""
+    return mlflow_stack
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from devstack.stack import Ports, Stack
 from reid_core import tracking
 from reid_core.workflows import registry_review
 
@@ -25,12 +24,9 @@ DATA_B = "s3://reid-test/synthetic/market1501"
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """Only an MLflow server (no Ray head): its URI."""
-    stack = Stack(root=tmp_path_factory.mktemp("mlflow-review"), ports=Ports.free(), services=("mlflow",))
-    stack.up()
-    yield stack.mlflow_uri
-    stack.down(kill=True)
+def mlflow_server(mlflow_stack):
+    """The MLflow server of ``mlflow_stack`` (no Ray head): its URI."""
+    return mlflow_stack.mlflow_uri
 
 
 def register(uri: str, model: str, *, metrics: dict[str, float], data_uri: str, picture: bool = False) -> str:

@@ -71,6 +71,27 @@ def dist_backend(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
+# DeepSpeed's name for its shared-memory all-reduce kernel on the CPU accelerator (deepspeed/ops/op_builder/cpu/comm.py).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """``deepspeed.init_distributed`` on the backend of ``use_gpu`` (NCCL or gloo), for every engine of this process.
+
+    On the CPU, DeepSpeed's torch backend JIT-compiles its shared-memory all-reduce kernel when it starts: 25-40 s of
+    C++ on a 2-core node, again for every new environment (a fresh container, a new venv) since the build lives in
+    ``~/.cache/torch_extensions``. Only ``inference_all_reduce`` (tensor-parallel inference) calls that kernel; training
+    reduces through ``torch.distributed`` (gloo). So on the CPU it is marked unavailable, in the table DeepSpeed keeps
+    for that (``deepspeed.ops.__compatible_ops__``, probed once per process and kept), and nothing is compiled.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed(dist_backend=dist_backend(use_gpu))
+
+
 def needs_torch_optimizer(ds_config: dict[str, Any]) -> bool:
     """True when the caller must pass a torch optimizer to ``deepspeed.initialize`` (no ``optimizer`` section)."""
     return "optimizer" not in ds_config

@@ -190,7 +190,7 @@ def train_gan_loop(loop_config: dict) -> None:
     from reid_core.data import ReIDDataset, build_transforms
     from reid_core.models import build_model
     from reid_core.train.checkpoint import CRITIC, DISCRIMINATOR, GENERATOR, restore_engines, save_engines
-    from reid_core.train.deepspeed import deepspeed_config, dist_backend, needs_torch_optimizer
+    from reid_core.train.deepspeed import deepspeed_config, init_distributed, needs_torch_optimizer
     from reid_core.train.steps import Guidance, gan_step, prepare_fakes
 
     ctx = ray.train.get_context()
@@ -198,7 +198,7 @@ def train_gan_loop(loop_config: dict) -> None:
     mlflow_uri, run_id = loop_config["mlflow_uri"], loop_config["run_id"]
     torch.manual_seed(cfg.run.seed + rank)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
+    init_distributed(cfg.scaling.use_gpu)
 
     # --- data: this rank's shard of the split, equal length on every rank (collectives need equal step counts)
     records = gan_records(cfg, world_size=world)
@@ -509,7 +509,7 @@ def train_reid_loop(loop_config: dict) -> None:
     from reid_core.models import build_model
     from reid_core.models.condense import learned_group_convs
     from reid_core.train.checkpoint import REID_MODEL, restore_engines, save_engines
-    from reid_core.train.deepspeed import deepspeed_config, dist_backend
+    from reid_core.train.deepspeed import deepspeed_config, init_distributed
     from reid_core.train.steps import ReidLoss, reid_step
 
     ctx = ray.train.get_context()
@@ -517,7 +517,7 @@ def train_reid_loop(loop_config: dict) -> None:
     mlflow_uri, run_id = loop_config["mlflow_uri"], loop_config["run_id"]
     torch.manual_seed(cfg.run.seed + rank)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=dist_backend(cfg.scaling.use_gpu))
+    init_distributed(cfg.scaling.use_gpu)
     dual = is_dual_stream(cfg.model.name)
 
     # --- data: real identities 0..N-1, then the distractor class N (the training set the preflight checked)

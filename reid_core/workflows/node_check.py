@@ -301,15 +301,14 @@ def trained_model(results: dict) -> torch.nn.Module:
 
 def check_loop(config: dict) -> None:
     """The Ray Train worker: every section in turn; the results go to ``config["out"]`` as JSON."""
-    import deepspeed
     import ray.train
 
-    from reid_core.train.deepspeed import dist_backend
+    from reid_core.train.deepspeed import init_distributed
 
     use_gpu, dry = config["use_gpu"], config["dry"]
     s = Sizes(**config["sizes"])
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=dist_backend(use_gpu))
+    init_distributed(use_gpu)
     cpus = config["cpus"]
     precision = "bf16" if use_gpu else "fp32"
     results: dict = {"environment": environment(), "device": str(device), "dry": dry}
