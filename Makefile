@@ -38,11 +38,12 @@ demo: stack-up
 	    -- python jobs/train_gan.py --config configs/demo.yaml --set run.name=gan-demo-$$(date +%Y%m%d-%H%M%S)
 	@echo "MLflow UI: $$(. .stack/env && echo $$MLFLOW_TRACKING_URI)   (store: .stack/mlflow.db, artifacts: .stack/mlartifacts)"
 
-# Everything, slow end-to-end tests included (CI runs this), one test at a time. On 2 pytest-xdist workers the suite
-# took 24-25 min instead of 29 (it is CPU-bound), but with two Ray heads busy at once an extra Ray node once timed out
-# during start-up (load ~9): not worth a flaky CI.
+# Everything, slow end-to-end tests included (CI runs this), on 2 pytest-xdist workers, a whole module at a time (its
+# module-scoped stacks stay on one worker; tests/conftest.py hands out the longest modules first). Run one test at a
+# time, the suite keeps the 2 cores only ~55% busy (end-to-end tests wait on process starts, polls and injected
+# outages): 23 min serial, ~16 min on 2 workers (docs/architecture.md, "Tests").
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The unit and component tests on 2 pytest-xdist workers (each starts its own loopback S3 server when a test needs one).
 test-fast: setup

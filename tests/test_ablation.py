@@ -1,5 +1,6 @@
-"""The ablation grid (jobs/ablation.py): the table's statistics, the trials' configs, and (slow) a 2 × 2 grid end to
-end on the embedded stack, resumable."""
+"""The ablation grid (jobs/ablation.py): the table's statistics over seeds (pure rows), the trials' configs, and (slow)
+a 2-condition grid end to end on the embedded stack, resumable: one seed, since the statistics over seeds are the pure
+functions tested here, and each trial is a whole Ray Train run."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monke
     tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=16, num_distractors=16)
     name = f"abl-{tag}"
     args = [sys.executable, "jobs/ablation.py", "--config", "configs/ablation_demo.yaml"]
-    sets = [f"grid.name={name}", "grid.conditions=[none,distractor_class]", "grid.recipes=[weak]", "grid.seeds=[0,1]",
+    sets = [f"grid.name={name}", "grid.conditions=[none,distractor_class]", "grid.recipes=[weak]", "grid.seeds=[0]",
             f"grid.storage=s3://{s3_server.bucket}/tune-results", "tracking.experiment=e2e-ablation",
             f"reid.data.uri={data}", f"reid.distractors.uri={distractors}", "reid.distractors.per_batch=4",
             f"reid.run.storage=s3://{s3_server.bucket}/ray-results", "reid.optim.epochs=1",
@@ -122,8 +123,8 @@ def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monke
     argv = args + [a for s in sets for a in ("--set", s)]
     proc = run(argv, env, timeout=1200)
     out = proc.stdout
-    assert "=== ablation summary ===" in out and "4 trials, 4 complete" in out, out[-3000:]
-    assert "| weak | none | 2 |" in out and "| weak | distractor_class | 2 |" in out and "(n=2)" in out
+    assert "=== ablation summary ===" in out and "2 trials, 2 complete" in out, out[-3000:]
+    assert "| weak | none | 1 |" in out and "| weak | distractor_class | 1 |" in out and "(n=1)" in out
 
     client = MlflowClient(tracking_uri=services_stack.mlflow_uri)
     exp = client.get_experiment_by_name("e2e-ablation")
@@ -138,19 +139,19 @@ def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monke
     assert "weak.distractor_class.d_mAP_mean" in parent.data.metrics
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted((c.data.params["condition"], c.data.params["seed"]) for c in children) == [
-        ("distractor_class", "0"), ("distractor_class", "1"), ("none", "0"), ("none", "1")]  # fmt: skip
+        ("distractor_class", "0"), ("none", "0")]  # fmt: skip
     assert all(c.info.status == "FINISHED" and 0 <= c.data.metrics["mAP"] <= 1 for c in children)
 
     # the same name again is refused; --resume continues it (here: everything is done, nothing trains again)
     again = run(argv, env, timeout=300, expect=2)
     assert "already exists" in again.stderr and "--resume" in again.stderr
     resumed = run(argv + ["--resume"], env, timeout=600)
-    assert "4 trials, 4 complete" in resumed.stdout
+    assert "2 trials, 2 complete" in resumed.stdout
     assert (
         len(
             client.search_runs(
                 [exp.experiment_id], f"tags.`ablation.role` = 'reid' and tags.`ablation.name` = '{name}'"
             )
         )
-        == 4
+        == 2
     )

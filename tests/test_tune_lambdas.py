@@ -1,7 +1,7 @@
 """jobs/tune_lambdas.py: the λ1/λ2 search. Pure parts (trial resources, result rows, the heat map), the job's one-line
 refusals before Ray, many concurrent Tune trials logging to the real MLflow server without losing a metric, and (slow)
-a 3×1 smoke search of the whole chain against the real stack, interrupted by killing its driver after the first trial
-finished and resumed with ``--resume``."""
+a 2×1 smoke search of the whole chain against the real stack, one trial at a time, interrupted by killing its driver
+after the first trial finished (the second is then under way) and resumed with ``--resume``."""
 
 from __future__ import annotations
 
@@ -187,8 +187,9 @@ def test_concurrent_trials_lose_no_metric(services_stack, tmp_path):
 # ------------------------------------------------------------------------------------------------ the whole chain
 @pytest.fixture(scope="module")
 def interrupted_search(services_stack, s3_server):
-    """A 3×1 smoke search whose driver is killed (SIGKILL) after its first trial finished, then resumed (the slow
-    tests below share it: ~5 min of CPU on an idle 2-core machine)."""
+    """A 2×1 smoke search, one trial at a time, whose driver is killed (SIGKILL) after its first trial finished, while
+    the second runs, then resumed (the slow tests below share it). Tune's concurrent trials are
+    ``test_concurrent_trials_lose_no_metric``'s subject; one at a time, the kill always lands inside a trial."""
     from reid_core import tracking
     from reid_core.workflows.search import SEARCH_TAG
 
@@ -202,7 +203,8 @@ def interrupted_search(services_stack, s3_server):
     assert made.returncode == 0, made.stderr[-3000:]
     name, experiment, model = f"search-{tag}", f"tune-{tag}", f"tune-reid-{tag}"
     args = ["--config", "configs/tune_demo.yaml", "--smoke-test",
-            "--set", "search.lambda1=[0.0,0.025,0.05]", "--set", "search.lambda2=[0.05]",  # 3 trials: 2 at once
+            "--set", "search.lambda1=[0.0,0.05]", "--set", "search.lambda2=[0.05]",  # 2 trials,
+            "--set", "search.max_concurrent_trials=1",  # one at a time
             "--set", f"search.name={name}", "--set", f"search.storage=s3://{bucket}/tune-{tag}/state",
             "--set", f"tracking.experiment={experiment}", "--set", f"synthesis.out=s3://{bucket}/tune-{tag}/distractors",
             "--set", f"gan.data.uri={data}", "--set", f"reid.data.uri={data}",
@@ -248,14 +250,14 @@ def test_resume_keeps_the_finished_trial_and_completes_the_rest(interrupted_sear
 
     s = interrupted_search
     assert "=== tune_lambdas summary ===" in s.resumed.stdout
-    assert "3 trials: 3 complete" in s.resumed.stdout
+    assert "2 trials: 2 complete" in s.resumed.stdout
     done_before = {r["tags"][TRIAL_TAG] for r in s.first_finished}
     for trial_id in done_before:
         runs = tracking.find_runs(s.uri, s.experiment, {SEARCH_TAG: s.name, TRIAL_TAG: trial_id})
         roles = sorted(r["tags"]["tune.role"] for r in runs)
         assert roles == ["distractors", "gan", "reid", "trial"], roles  # each stage ran exactly once: not rerun
     trials = tracking.find_runs(s.uri, s.experiment, {SEARCH_TAG: s.name, "tune.role": "trial"})
-    assert len(trials) == 3 and {r["status"] for r in trials} == {"FINISHED"}  # one child run per trial, reused
+    assert len(trials) == 2 and {r["status"] for r in trials} == {"FINISHED"}  # one child run per trial, reused
     for trial in trials:
         runs = tracking.find_runs(s.uri, s.experiment, {SEARCH_TAG: s.name, TRIAL_TAG: trial["tags"][TRIAL_TAG]})
         assert sorted(r["tags"]["tune.role"] for r in runs).count("gan") == 1  # an interrupted stage resumed its run
@@ -290,12 +292,12 @@ def test_search_lands_in_mlflow_as_parent_and_child_runs(interrupted_search):
             assert client.get_run(tags[f"{stage}.run_id"]).data.tags["mlflow.parentRunId"] == trial["run_id"]
         history = client.get_metric_history(tags["reid.run_id"], "val_mAP")  # the validation ASHA would compare
         assert sorted(m.step for m in history) == [0, 1]
-    assert cells == {(a, 0.05, "weighted") for a in (0.0, 0.025, 0.05)}
+    assert cells == {(a, 0.05, "weighted") for a in (0.0, 0.05)}
 
     # The results table and the heat map on the parent; the best trial's model has the alias.
     rows = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(parent["run_id"], "results/trials.csv"))
                                            .read_text())))  # fmt: skip
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"complete"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}
     best = max(rows, key=lambda r: float(r["mAP"]))
     assert client.get_model_version_by_alias(s.model, "candidate").version == best["reid_version"]
     assert client.get_run(parent["run_id"]).data.tags["best.trial_id"] == best["trial_id"]
@@ -303,7 +305,7 @@ def test_search_lands_in_mlflow_as_parent_and_child_runs(interrupted_search):
     with Image.open(client.download_artifacts(parent["run_id"], "results/heatmap_weighted.png")) as im:
         assert im.format == "PNG" and im.width > 300
     markdown = Path(client.download_artifacts(parent["run_id"], "results/trials.md")).read_text()
-    assert markdown.count("| complete |") == 3
+    assert markdown.count("| complete |") == 2
 
 
 if __name__ == "__main__":  # test_concurrent_trials_lose_no_metric's Ray driver
