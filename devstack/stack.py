@@ -464,12 +464,6 @@ class Stack:
             # Nothing preempts the nodes of one machine: no Ray Train run needs its PreemptionWatcher actor, one more
             # process (and Ray import) per run on cores that are starting the run's workers at that moment.
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
-            # A node of this machine that dies refuses the head's health checks at once: with a check every 0.5 s and
-            # 3 failures the head marks it dead in ~1.5 s instead of ~15 s (3 s × 5), so an elastic run restarted
-            # after the loss sizes its group from the nodes that are left (tests/test_multinode.py). A live node has
-            # to miss 3 checks in a row, each with Ray's 10 s timeout, before it counts as dead.
-            "RAY_health_check_period_ms": os.environ.get("RAY_health_check_period_ms", "500"),
-            "RAY_health_check_failure_threshold": os.environ.get("RAY_health_check_failure_threshold", "3"),
             # The jobs' processes find the venv's python and console scripts first.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }

@@ -305,7 +305,10 @@ def test_job_evaluates_on_ray_logs_and_tags(services_stack, s3_server, registere
 
 
 @pytest.mark.slow
-def test_registry_errors_are_one_line(services_stack, registered):
+def test_registry_errors_are_one_line(services_stack, registered, monkeypatch):
+    """The job prints a registry error as its one line (one run of the job); the workflow's preflight, which the job
+    calls first, raises each of the others with the message that line carries (in this process, against the same
+    MLflow server and S3: no job start per message)."""
     from reid_core import tracking
 
     env = services_stack.full_env
@@ -313,15 +316,22 @@ def test_registry_errors_are_one_line(services_stack, registered):
     name, data = registered["name"], registered["data"]
     alias = run_job(["--model", f"models:/{name}@production", "--data", data], env)
     assert_one_line(alias, f"registered model {name!r} has no alias 'production' (its aliases: @candidate -> v1")
-    missing = run_job(["--model", "models:/no-such-reid/1", "--data", data], env)
-    assert_one_line(missing, "registered model 'no-such-reid' does not exist")
-    generator = run_job(["--model", f"models:/{registered['gen']}/1", "--data", data], env)
-    assert_one_line(generator, f"models:/{registered['gen']}/1 takes input of shape (-1, 16) (-1: any size), but a "
-                               "re-ID feature model takes images (N, 3, H, W)")  # fmt: skip
-    wrong_size = run_job(["--model", f"models:/{name}/1", "--data", data, "--image-size", "128", "64"], env)
-    assert_one_line(wrong_size, f"--image-size 128 64 does not fit models:/{name}/1, whose input is (-1, 3, 64, 32)")
-    no_run = run_job(["--model", "runs:/0123456789abcdef/model", "--data", data], env)
-    assert_one_line(no_run, "run 0123456789abcdef does not exist")
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    expected = {
+        "models:/no-such-reid/1": "registered model 'no-such-reid' does not exist",
+        f"models:/{registered['gen']}/1": f"models:/{registered['gen']}/1 takes input of shape (-1, 16) (-1: any "
+                                          "size), but a re-ID feature model takes images (N, 3, H, W)",
+        "runs:/0123456789abcdef/model": "run 0123456789abcdef does not exist",
+    }  # fmt: skip
+    for model, message in expected.items():
+        with pytest.raises((tracking.TrackingError, ValueError)) as err:
+            workflow.preflight(workflow.EvaluationSpec(model=model, data=data))
+        assert message in str(err.value) and "\n" not in str(err.value), (model, str(err.value))
+    with pytest.raises(ValueError) as err:
+        workflow.preflight(workflow.EvaluationSpec(model=f"models:/{name}/1", data=data, image_size=[128, 64]))
+    assert f"--image-size 128 64 does not fit models:/{name}/1, whose input is (-1, 3, 64, 32)" in str(err.value)
 
     # runs:/RUN_ID/model resolves to the version registered from it; a path the run has no model at is named.
     run_id, ref = tracking.resolve_run_model(uri, f"runs:/{registered['run_id']}/model")

@@ -6,8 +6,9 @@ lands at a known point instead of racing the running job.
 
 How it recovers: Ray Train V2 (Ray 2.60) supports elastic training, ``ScalingConfig(num_workers=(min, max))`` (our
 ``scaling.min_workers``). When the node dies, the worker group fails and FailureConfig restarts it; the elastic
-scaling policy starts it at the size the remaining resources allow. The head does not notice the dead node at once,
-so the first restart asks for 2 workers again and times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 30 s here, 60 s
+scaling policy starts it at the size the remaining resources allow. The policy reads the nodes from Ray's
+AutoscalingCoordinator actor, which refreshes its view every 20 s (Ray 2.60), not from the head's node table, so the
+first restart asks for 2 workers again and times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 30 s here, 60 s
 by default; a controller error, retried without counting against max_failures); the next one starts 1 worker, on the
 head. It resumes from the last checkpoint reported to S3; that one was written by 2 workers with ZeRO stage 1
 (partitioned optimizer state), which cannot be loaded at world size 1, so the job resumes from its world-size
