@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("gan", "reid_train", "inference", "loader", "evaluation")
 
 
+@pytest.mark.slow  # a whole Ray Train run with DeepSpeed engines, every section: end to end (CI runs it)
 def test_dry_mode_reports_every_section(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "gpu_check.py"), "--dry", "--out", str(tmp_path)],

@@ -174,10 +174,10 @@ def _run(uri: str) -> str:
     return tracking.start_run(uri, "outages", f"logger-{time.time_ns()}", {"p": 1})
 
 
-def test_epoch_logger_keeps_epochs_while_mlflow_is_down_and_logs_them_after(services_stack, caplog):
+def test_epoch_logger_keeps_epochs_while_mlflow_is_down_and_logs_them_after(mlflow_stack, caplog):
     from PIL import Image
 
-    uri = services_stack.mlflow_uri
+    uri = mlflow_stack.mlflow_uri
     with FaultProxy(uri) as proxy:
         run_id = _run(uri)
         with caplog.at_level(logging.INFO, logger="reid_core.tracking"):
@@ -213,8 +213,8 @@ def test_epoch_logger_keeps_epochs_while_mlflow_is_down_and_logs_them_after(serv
     assert any("answers again" in m and "[1, 2, 3]" in m for m in messages), messages
 
 
-def test_epoch_logger_says_what_was_not_logged_when_mlflow_stays_down(services_stack, caplog):
-    uri = services_stack.mlflow_uri
+def test_epoch_logger_says_what_was_not_logged_when_mlflow_stays_down(mlflow_stack, caplog):
+    uri = mlflow_stack.mlflow_uri
     with FaultProxy(uri) as proxy:
         run_id = _run(uri)
         proxy.outage(None)
@@ -251,10 +251,10 @@ def test_upload_attempts_cover_the_budget():
     assert [storage.upload_attempts(t) for t in (10, 60, 120, 300)] == [6, 9, 12, 21]
 
 
-def test_epoch_logger_does_not_retry_what_mlflow_refuses(services_stack, caplog):
+def test_epoch_logger_does_not_retry_what_mlflow_refuses(mlflow_stack, caplog):
     """A 4xx (here: the run was deleted meanwhile) is an answer, not an outage: named with its values, not retried,
     and the epochs after it are still logged in order."""
-    uri = services_stack.mlflow_uri
+    uri = mlflow_stack.mlflow_uri
     deleted, alive = _run(uri), _run(uri)
     tracking.client(uri).delete_run(deleted)
     with caplog.at_level(logging.WARNING, logger="reid_core.tracking"):

@@ -146,6 +146,7 @@ def run_job(args: list[str], env: dict) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # the job end to end, writing a whole dataset into the loopback S3 (CI runs it)
 @pytest.mark.parametrize("layout", ["market1501", "flima"])
 def test_make_dataset_smoke_test_on_s3(s3_url, s3_env, layout):
     import os
