@@ -414,7 +414,10 @@ class Stack:
             # One worker process: sqlite allows one writer; the server serialises concurrent clients.
             "--workers", "1",
         ]  # fmt: skip
-        rec = self._spawn("mlflow", cmd)
+        # MLflow's server-side job execution (GenAI jobs: judges, prompt optimisation) is not used here; off, the server
+        # starts without its two Huey consumer processes, which otherwise keep polling for jobs on the shared cores.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+        rec = self._spawn("mlflow", cmd, env)
         self._wait("mlflow", rec, lambda: _http_ok(self.mlflow_uri + "/health"))
 
     def _start_ray(self) -> None:
