@@ -89,8 +89,10 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     import mlflow.pytorch
     import torch
 
-    mlflow_env = {"MLFLOW_TRACKING_URI": services_stack.mlflow_uri}
-    os.environ.update(mlflow_env)
+    # Explicit URIs, as reid_core.tracking does: another test in this process may have set MLflow's process-wide
+    # registry URI, which wins over MLFLOW_TRACKING_URI (failed that way on a pytest-xdist worker).
+    mlflow.set_tracking_uri(services_stack.mlflow_uri)
+    mlflow.set_registry_uri(services_stack.mlflow_uri)
     gen = mlflow.pytorch.load_model(f"models:/{model_name}@candidate")
     assert gen(torch.randn(2, 100)).shape == (2, 3, 64, 32)
 

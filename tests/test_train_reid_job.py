@@ -140,7 +140,8 @@ def test_train_reid_smoke_test_through_ray_job_submit(s3_server, services_stack,
     import mlflow.pytorch
     import torch
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", services_stack.mlflow_uri)
+    mlflow.set_tracking_uri(services_stack.mlflow_uri)  # explicit: the process-wide URIs win over the environment
+    mlflow.set_registry_uri(services_stack.mlflow_uri)
     model = mlflow.pytorch.load_model(f"models:/{model_name}@candidate")
     x = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -201,7 +202,8 @@ def test_train_reid_dual_stream_smoke_test_with_faces(s3_server, services_stack,
     import mlflow.pytorch
     import torch
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", services_stack.mlflow_uri)
+    mlflow.set_tracking_uri(services_stack.mlflow_uri)  # explicit: the process-wide URIs win over the environment
+    mlflow.set_registry_uri(services_stack.mlflow_uri)
     model = mlflow.pytorch.load_model(f"models:/{model_name}@candidate")
     x = torch.randn(2, 6, 64, 64, generator=torch.Generator().manual_seed(0))
     x[1, 3:] = 0
