@@ -223,11 +223,11 @@ class FaultProxy:
             with self._lock:
                 self.outages[-1] = (self.outages[-1][0], time.monotonic())
 
-    def _record(self, method: str, path: str, outcome: str) -> Seen:
-        seen = Seen(time.monotonic(), method, path, outcome)
+    def _record(self, method: str, path: str, outcome: str) -> int:
+        """Append what was seen; returns its index in ``seen`` (only ever appended to)."""
         with self._lock:
-            self.seen.append(seen)
-        return seen
+            self.seen.append(Seen(time.monotonic(), method, path, outcome))
+            return len(self.seen) - 1
 
     async def _forward(self, request):
         from aiohttp import web
@@ -279,12 +279,11 @@ class FaultProxy:
                     await response.write(data)
                 await response.write_eof()
         except ConnectionResetError:  # the client's connection was cut (an outage began) while this was forwarded
-            with self._lock:
-                if seen is None:
-                    self.seen.append(Seen(time.monotonic(), method, path, "cut"))
-                else:  # the answer did not get through: the request counts as cut, once
-                    at = next(i for i in range(len(self.seen) - 1, -1, -1) if self.seen[i] is seen)
-                    self.seen[at] = dataclasses.replace(seen, outcome="cut")
+            if seen is None:
+                self._record(method, path, "cut")
+            else:  # the answer did not get through: the request counts as cut, once
+                with self._lock:
+                    self.seen[seen] = dataclasses.replace(self.seen[seen], outcome="cut")
             raise
         return response
 
