@@ -53,19 +53,75 @@ class StackError(RuntimeError):
     """A service of the embedded stack could not be started or does not answer."""
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports. All are held open together while chosen: one at a time, the OS may hand
-    out a port it just gave (two Ray components on one port made a Ray head refuse to start in CI)."""
-    held: list[socket.socket] = []
+# Ports are chosen outside the kernel's ephemeral range, where the OS picks the local port of every outgoing
+# connection: a port found free there can be taken by any client a moment later. A Ray dashboard agent of a test stack
+# failed to bind that way ("address already in use" on a port the stack had just found free), and the job API of
+# that head never came up. Also outside Ray's default worker ports (--min/max-worker-port: 10002-19999).
+PORT_FLOOR = 20000
+RAY_WORKER_PORTS = (10002, 19999)
+# A chosen port is claimed for this long (an empty file named after it) so that stacks starting at the same moment (the
+# test workers') do not pick the same one before either has bound it.
+PORT_CLAIM_SECONDS = 120.0
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(s)
-            s.bind((LOOPBACK, 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 65535  # not Linux: keep clear of the IANA range (49152-65535) and Linux's default
+    return low, high
+
+
+def port_candidates() -> list[int]:
+    """The ports ``free_ports`` chooses from: ≥ PORT_FLOOR, outside the ephemeral range and Ray's worker ports."""
+    low, high = _ephemeral_range()
+    return [p for p in range(PORT_FLOOR, 65536)
+            if not low <= p <= high and not RAY_WORKER_PORTS[0] <= p <= RAY_WORKER_PORTS[1]]  # fmt: skip
+
+
+def _bindable(port: int) -> bool:
+    """Free on the loopback and on every interface (Ray binds some of its ports to the machine's address)."""
+    for host in (LOOPBACK, "0.0.0.0"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` for PORT_CLAIM_SECONDS: False when another process claimed it more recently than that. Claims
+    are empty files in ``<tmp>/devstack-ports-<uid>/``; an expired one is renewed in place, never deleted."""
+    folder = Path(tempfile.gettempdir()) / f"devstack-ports-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        pass
+    try:
+        if time.time() - path.stat().st_mtime < PORT_CLAIM_SECONDS:
+            return False
+        os.utime(path)
+    except OSError:
+        return False
+    return True
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports, free now on the loopback and on every interface, chosen at random outside the ephemeral
+    range (see PORT_FLOOR) and claimed for PORT_CLAIM_SECONDS against other stacks that start at the same time."""
+    import random
+
+    candidates, chosen = port_candidates(), []
+    for port in random.SystemRandom().sample(candidates, k=min(len(candidates), 64 * n + 64)):
+        if _bindable(port) and _claim(port):
+            chosen.append(port)
+            if len(chosen) == n:
+                return chosen
+    raise StackError(f"found only {len(chosen)} of {n} free ports outside the ephemeral range")
 
 
 def free_port() -> int:

@@ -127,6 +127,28 @@ def test_free_ports_are_distinct():
     assert len(set(free_ports(20))) == 20
 
 
+def test_free_ports_avoid_the_ephemeral_range_and_each_other():
+    """A port found free inside the kernel's ephemeral range can become an outgoing connection's local port before the
+    service binds it (a test Ray head's dashboard agent failed so): ports come from outside it and outside Ray's
+    worker ports, and a port one stack chose is not handed to another starting at the same time."""
+    import socket
+
+    from devstack.stack import RAY_WORKER_PORTS, _bindable, _ephemeral_range, free_ports, port_candidates
+
+    low, high = _ephemeral_range()
+    first, second = free_ports(30), free_ports(30)
+    for port in first + second:
+        assert port in port_candidates() and not low <= port <= high
+        assert not RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1] and port >= 20000
+    assert not set(first) & set(second)  # claimed by the first call
+    for host in ("127.0.0.1", "0.0.0.0"):  # a port in use, on the loopback or on every interface, is not free
+        (port,) = free_ports(1)
+        assert _bindable(port)
+        with socket.socket() as s:
+            s.bind((host, port))
+            assert not _bindable(port)
+
+
 def test_the_latency_pipe_delays_each_request_and_passes_bytes_through(s3_server, s3_env, tmp_path):
     """``devstack.proxy --tcp`` (the benchmarks' latency): every request waits the latency, requests in flight wait
     it together, and the bytes arrive unchanged."""
