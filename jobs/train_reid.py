@@ -14,7 +14,8 @@ checking that the converted model's features equal the trained model's. It then 
 query/gallery (Rank-1/5/10, mAP, mINP; FLIMA also ID precision / recall / F1), counts its FLOPs with
 ``torch.utils.flop_counter.FlopCounterMode`` (one image; FLOPs = 2 × multiply-adds), logs it to MLflow as a feature
 model (images -> L2-normalised features) with parameters and metrics, registers it with alias ``candidate``, and
-logs a TorchScript export (and an ONNX export when it exports cleanly) as artifacts under ``export/``.
+logs a TorchScript export (and an ONNX export when it exports cleanly) as artifacts under ``export/``
+(``tracking.exports`` chooses them).
 
 The registered model takes (N, 3, H, W) images normalised with the ImageNet mean/std (``build_transforms``); the
 Dual-Stream model takes (N, 6, S, S): the person image and its face crop stacked on channels (zeros: no face).

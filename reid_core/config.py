@@ -135,6 +135,24 @@ class TrackingConfig:
         check_positive("tracking.num_samples", self.num_samples)
 
 
+REID_EXPORTS = ("torchscript", "onnx")
+
+
+@dataclass
+class ReidTrackingConfig(TrackingConfig):
+    # Deployment files logged under the run's export/ beside the registered model (which is what evaluation, review
+    # and synthesis load): TorchScript must work, ONNX is logged when it exports cleanly. [] = none, for example for
+    # the many trials of a search whose models nobody deploys as they are (each ONNX export costs seconds of CPU).
+    exports: list[str] = field(default_factory=lambda: list(REID_EXPORTS))
+
+    def validate(self) -> None:
+        super().validate()
+        for i, name in enumerate(self.exports):
+            check_choice(f"tracking.exports[{i}]", name, REID_EXPORTS)
+        if len(set(self.exports)) != len(self.exports):
+            raise ConfigError(f"tracking.exports: {self.exports} names an export twice")
+
+
 @dataclass
 class StorageConfig:
     """S3 endpoint; None = the standard AWS variables (AWS_ENDPOINT_URL...), then the embedded stack's .stack/env."""
@@ -459,8 +477,8 @@ class ReidJobConfig:
     optim: ReidOptimConfig = field(default_factory=ReidOptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(name="reid"))
-    tracking: TrackingConfig = field(
-        default_factory=lambda: TrackingConfig(experiment="reid", registered_model="reid-condensenet")
+    tracking: ReidTrackingConfig = field(
+        default_factory=lambda: ReidTrackingConfig(experiment="reid", registered_model="reid-condensenet")
     )
     storage: StorageConfig = field(default_factory=StorageConfig)
     eval: ReidEvalConfig = field(default_factory=ReidEvalConfig)

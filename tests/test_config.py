@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reid_core.config import ConfigError, GanJobConfig, load_config
+from reid_core.config import ConfigError, GanJobConfig, ReidJobConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,6 +186,24 @@ def test_unchecked_ranges_are_checked(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(GanJobConfig, ROOT / "configs/demo.yaml", [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tracking.exports=[onnx,pickle]", "tracking.exports[1]: 'pickle' is not one of torchscript, onnx"),
+        ("tracking.exports=onnx", "tracking.exports: expected a list, got 'onnx'"),
+        ("tracking.exports=[onnx,onnx]", "tracking.exports: ['onnx', 'onnx'] names an export twice"),
+    ],
+)
+def test_reid_exports_are_checked(override, message):
+    assert load_config(ReidJobConfig, ROOT / "configs/reid_demo.yaml").tracking.exports == ["torchscript", "onnx"]
+    assert load_config(ReidJobConfig, ROOT / "configs/reid_demo.yaml", ["tracking.exports=[]"]).tracking.exports == []
+    with pytest.raises(ConfigError) as err:
+        load_config(ReidJobConfig, ROOT / "configs/reid_demo.yaml", [override])
+    assert message in str(err.value)
+    with pytest.raises(ConfigError, match="unknown key 'tracking.exports'"):  # the GAN job exports no files
+        load_config(GanJobConfig, ROOT / "configs/demo.yaml", ["tracking.exports=[]"])
 
 
 BAD_NAMES = ["../synthetic/msmt17-big", "a/b", "..", ".", "", ".hidden", "a\\b", "s3://x", "a b", "x" * 129, "naïve"]

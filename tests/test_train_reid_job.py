@@ -179,6 +179,7 @@ def test_train_reid_dual_stream_smoke_test_with_faces(s3_server, services_stack,
             "--set", f"data.uri={data}", "--set", f"distractors.uri={distractors}",
             "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=e2e-ds-{tag}",
             "--set", f"tracking.registered_model={model_name}", "--set", "tracking.experiment=e2e-reid-ds",
+            "--set", "tracking.exports=[torchscript]",  # the ONNX export is the first test's
         ],
         {**env, "DS_ACCELERATOR": "cpu"},
         timeout=900,
@@ -198,6 +199,7 @@ def test_train_reid_dual_stream_smoke_test_with_faces(s3_server, services_stack,
     assert 0.2 <= metrics["train_face_share"] <= 0.8
     face_loss = client.get_metric_history(version.run_id, "face_presence_loss")
     assert [m.step for m in sorted(face_loss, key=lambda m: m.step)] == [0, 1]
+    assert [a.path for a in client.list_artifacts(version.run_id, "export")] == ["export/model.torchscript.pt"]
 
     import mlflow.pytorch
     import torch
@@ -241,6 +243,7 @@ def test_train_reid_strong_recipe_from_an_official_checkpoint_in_s3(s3_server, s
             "--set", f"data.uri={data}", "--set", f"distractors.uri={distractors}",
             "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=e2e-strong-{tag}",
             "--set", f"tracking.registered_model={model_name}", "--set", "tracking.experiment=e2e-reid-strong",
+            "--set", "tracking.exports=[torchscript]",
         ],
         {**env, "DS_ACCELERATOR": "cpu"},
         timeout=900,

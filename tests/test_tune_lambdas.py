@@ -290,6 +290,7 @@ def test_search_lands_in_mlflow_as_parent_and_child_runs(interrupted_search):
         assert reid.tags["generator"] == tags["generator.uri"] and reid.tags["tune.trial_id"] == tags["tune.trial_id"]
         for stage in ("gan", "distractors", "reid"):  # the stage runs are nested under the trial's run
             assert client.get_run(tags[f"{stage}.run_id"]).data.tags["mlflow.parentRunId"] == trial["run_id"]
+        assert client.list_artifacts(tags["reid.run_id"], "export") == []  # tune_demo.yaml: reid.tracking.exports=[]
         history = client.get_metric_history(tags["reid.run_id"], "val_mAP")  # the validation ASHA would compare
         assert sorted(m.step for m in history) == [0, 1]
     assert cells == {(a, 0.05, "weighted") for a in (0.0, 0.05)}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reid_core import storage, tracking
-from reid_core.config import ConfigError, GanJobConfig, ReidJobConfig, flatten, is_dual_stream, to_dict
+from reid_core.config import REID_EXPORTS, ConfigError, GanJobConfig, ReidJobConfig, flatten, is_dual_stream, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -482,19 +482,23 @@ def finalize(cfg: ReidJobConfig, pre: ReidPlan, mlflow_uri: str, run_id: str, ch
               "input": "images (N, 6, S, S): person + face crop" if dual else "images (N, 3, H, W), ImageNet-normalised",
               "output": "L2-normalised features (N, D)"},
     )  # fmt: skip
-    exports = export_artifacts(mlflow_uri, run_id, feature_model, example)
+    exports = export_artifacts(mlflow_uri, run_id, feature_model, example, cfg.tracking.exports)
     return FinalModel(metrics=metrics, version=version, converted=converted, exports=exports,
                       seconds=time.perf_counter() - t0)  # fmt: skip
 
 
-def export_artifacts(mlflow_uri: str, run_id: str, feature_model, example) -> list[str]:
-    """TorchScript (must work) and ONNX (when it exports cleanly: the reason is logged and tagged otherwise)."""
+def export_artifacts(mlflow_uri: str, run_id: str, feature_model, example, wanted=REID_EXPORTS) -> list[str]:
+    """Of ``wanted``: TorchScript (must work) and ONNX (when it exports cleanly: the reason is logged and tagged
+    otherwise). Returns the logged files' names."""
     exports = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.torchscript.pt"
-        export_torchscript(feature_model, example, path)
-        tracking.log_artifact_file(mlflow_uri, run_id, path, "export")
-        exports.append(path.name)
+        if "torchscript" in wanted:
+            path = Path(tmp) / "model.torchscript.pt"
+            export_torchscript(feature_model, example, path)
+            tracking.log_artifact_file(mlflow_uri, run_id, path, "export")
+            exports.append(path.name)
+        if "onnx" not in wanted:
+            return exports
         path = Path(tmp) / "model.onnx"
         try:
             export_onnx(feature_model, example, path)
