@@ -1,5 +1,6 @@
 """Packed datasets against the loopback S3: read back as the same splits, same images, few requests; a shard changed
-between reads is detected and named; jobs/pack_dataset.py end to end with its one-line input errors."""
+between reads is detected and named; jobs/pack_dataset.py end to end with its one-line input errors. The GAN job
+training from a pack through ``ray job submit`` is tests/test_train_gan_job.py."""
 
 from __future__ import annotations
 
@@ -228,48 +229,6 @@ def test_gan_loop_face_table_reads_packed_records(packed_msmt17):
         a = face_absent_table(plain, detector, rank=0, world=1)
         b = face_absent_table(packed, detector, rank=0, world=1)
     assert torch.equal(a, b) and 0 < float(a.mean()) < 1  # some with a face, some without
-
-
-@pytest.mark.slow
-def test_train_gan_job_trains_from_a_pack(s3_server, services_stack):
-    """The GAN job, submitted to a real Ray head, reads a packed dataset with nothing but ``data.uri`` changed."""
-    import json
-    import uuid
-    from pathlib import Path
-
-    from mlflow.tracking import MlflowClient
-
-    env = {**os.environ, **services_stack.full_env}
-    tag = uuid.uuid4().hex[:6]
-    src, out = f"s3://{s3_server.bucket}/pack-e2e-{tag}/src", f"s3://{s3_server.bucket}/pack-e2e-{tag}/packed"
-    settings = storage.S3Settings(endpoint_url=s3_server.s3_endpoint, key="testing", secret="testing")
-    files: dict[str, bytes] = {}
-    write_layout(SPEC, "msmt17", lambda rel, data: files.__setitem__(storage.join(src, rel), data))
-    storage.write_many(files, settings)
-    pack_tree(src, out, shard_bytes=SHARD_BYTES, layout="msmt17", settings=settings)
-    runtime_env = {
-        "env_vars": {**{k: v for k, v in services_stack.full_env.items() if not k.startswith("RAY_")},
-                     "DS_ACCELERATOR": "cpu"},
-        "excludes": services_stack.runtime_env()["excludes"],
-    }  # fmt: skip
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", services_stack.dashboard_url,
-        "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "jobs/train_gan.py", "--config", "configs/demo.yaml", "--smoke-test",
-        "--set", f"data.uri={out}", "--set", "data.max_images=32", "--set", "optim.batch_size=8",
-        "--set", f"run.storage=s3://{s3_server.bucket}/ray-results", "--set", f"run.name=pack-{tag}",
-        "--set", f"tracking.registered_model=gen-pack-{tag}", "--set", "tracking.experiment=e2e-pack",
-        "--set", "guidance.lambda1=0.05",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "=== train_gan summary ===" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
-    client = MlflowClient(tracking_uri=services_stack.mlflow_uri, registry_uri=services_stack.mlflow_uri)
-    version = client.get_model_version_by_alias(f"gen-pack-{tag}", "candidate")
-    run = client.get_run(version.run_id)
-    assert run.data.params["data.uri"] == out
-    delta_real = client.get_metric_history(version.run_id, "face_absent_real")
-    assert delta_real and 0 < delta_real[-1].value < 1  # the Δ table was read from the shards
 
 
 # ------------------------------------------------------------------------------------------------ --overwrite deletes

@@ -1,5 +1,7 @@
-"""End to end: the GAN job submitted with `ray job submit` to a real Ray head, reading a synthetic dataset from the
-loopback S3, checkpointing into it, and registering its generator in a real MLflow server."""
+"""End to end: the GAN job submitted with `ray job submit` to a real Ray head, reading a synthetic dataset packed into
+tar shards (``jobs/pack_dataset.py``'s format) from the loopback S3, checkpointing into it, and registering its
+generator in a real MLflow server. The job reads a pack with nothing but ``data.uri`` changed; the plain layout
+through ``ray job submit`` is what tests/test_faults.py's jobs read."""
 
 from __future__ import annotations
 
@@ -34,11 +36,18 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
                "AWS_SESSION_TOKEN": f"planted-session-token-{uuid.uuid4().hex}",
                "MLFLOW_TRACKING_TOKEN": f"planted-mlflow-token-{uuid.uuid4().hex}"}  # fmt: skip
     env = {**services_stack.full_env, **secrets}
-    data = f"s3://{s3_server.bucket}/synthetic-{tag}/msmt17"
+    plain = f"s3://{s3_server.bucket}/synthetic-{tag}/msmt17"
     run(
-        [sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "20", "--images-per-id", "8",
+        [sys.executable, "jobs/make_dataset.py", "--out", plain, "--ids", "20", "--images-per-id", "8",
          "--cameras", "3"], env, timeout=300,
     )  # fmt: skip
+    from reid_core import storage
+    from reid_core.data.shards import pack_tree
+
+    settings = storage.S3Settings(endpoint_url=s3_server.s3_endpoint, key="testing", secret="testing")
+    data = f"s3://{s3_server.bucket}/synthetic-{tag}/packed"
+    pack_tree(plain, data, shard_bytes=64 * 1024, layout="msmt17", settings=settings)  # several shards
+    assert len([f for f in storage.list_files(data, settings) if f.endswith(".tar")]) > 1
     runtime_env = {
         "env_vars": {**{k: v for k, v in env.items() if not k.startswith("RAY_")}, "DS_ACCELERATOR": "cpu"},
         "excludes": services_stack.runtime_env()["excludes"],
@@ -67,7 +76,8 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     history = client.get_metric_history(run_id, "loss_d")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1]  # one point per epoch
     assert all(m.value > 0 for m in history)
-    # The face guidance ran: Δ of the real images (the synthetic set has faces on about half) and of the samples.
+    # The face guidance ran: Δ of the real images (the synthetic set has faces on about half; the table was read from
+    # the shards' face tags) and of the samples.
     delta_real = client.get_metric_history(run_id, "face_absent_real")
     assert len(delta_real) == 2 and 0.2 < delta_real[-1].value < 0.9
     assert len(client.get_metric_history(run_id, "face_rate")) == 2
@@ -108,9 +118,6 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
     for f in artifacts.rglob("*"):
         if f.is_file():
             written[f"artifact {f.relative_to(artifacts)}"] = f.read_bytes()
-    from reid_core import storage
-
-    settings = storage.S3Settings(endpoint_url=s3_server.s3_endpoint, key="testing", secret="testing")
     run_files = storage.list_files(f"s3://{s3_server.bucket}/ray-results/e2e-{tag}", settings)
     assert any(name.endswith("meta.json") for name in run_files)  # the checkpoints are there to be scanned
     written.update({url: data for url, data in storage.read_many(run_files, settings).items()})
