@@ -1,5 +1,5 @@
 """Bad input across the jobs (issue #9 item 7): each mistake ends in exactly one ``error:`` line naming what to fix,
-exit code 2, no traceback, before Ray starts. Inputs are real dataset trees on disk, written by jobs/make_dataset.py;
+exit code 2, no traceback, before Ray starts. Inputs are real dataset trees on disk, written as jobs/make_dataset.py writes them;
 MLflow points at a closed port, so a job that got past its data checks would say so in its one line."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.synthetic_data import make_synthetic
+
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"
 
@@ -21,8 +23,7 @@ def trees(tmp_path_factory):
     """A small MSMT17 V1 tree, the same tree in the V2 layout, and an empty folder."""
     base = tmp_path_factory.mktemp("bad-input")
     v1 = base / "msmt17"
-    subprocess.run([sys.executable, "jobs/make_dataset.py", "--out", str(v1), "--ids", "8", "--images-per-id", "6",
-                    "--cameras", "2"], cwd=ROOT, check=True, capture_output=True, timeout=300)  # fmt: skip
+    make_synthetic(str(v1), ids=8, images_per_id=6, cameras=2)
     v2 = base / "msmt17_v2"
     shutil.copytree(v1, v2)
     (v2 / "train").rename(v2 / "mask_train_v2")

@@ -28,6 +28,7 @@ from reid_core.evaluation.features import (
 from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
 from reid_core.models import build_model
 from reid_core.workflows import evaluate as workflow
+from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (64, 32)
@@ -41,13 +42,8 @@ def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.Comple
     )  # fmt: skip
 
 
-def make_dataset(out: str, env: dict, *, ids: int = 12, per_id: int = 6) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/make_dataset.py"), "--out", out, "--ids", str(ids), "--images-per-id",
-         str(per_id), "--cameras", "3"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **env},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def make_dataset(out: str, settings=None, *, ids: int = 12, per_id: int = 6) -> None:
+    make_synthetic(out, ids=ids, images_per_id=per_id, cameras=3, settings=settings)
 
 
 def tiny_feature_model(seed: int = 0) -> FeatureModel:
@@ -58,7 +54,7 @@ def tiny_feature_model(seed: int = 0) -> FeatureModel:
 @pytest.fixture(scope="module")
 def local_msmt17(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("eval-data") / "msmt17")
-    make_dataset(out, {})
+    make_dataset(out)
     return out
 
 
@@ -220,7 +216,7 @@ def registered(services_stack, s3_server):
                                             input_example=torch.randn(2, 16).numpy())  # fmt: skip
     tracking.set_terminated(uri, run_id)
     data = f"s3://{s3_server.bucket}/eval-{tag}/msmt17"
-    make_dataset(data, s3_server.env())
+    make_dataset(data, stack_settings(s3_server))
     return {"name": name, "run_id": run_id, "model": fm, "data": data, "gen": f"eval-gen-{tag}"}
 
 
@@ -347,7 +343,7 @@ def test_a_bad_image_met_by_a_ray_actor_is_one_line_naming_it(services_stack, re
     from mlflow.tracking import MlflowClient
 
     data = str(tmp_path / "msmt17")
-    make_dataset(data, {}, ids=4, per_id=4)
+    make_dataset(data, ids=4, per_id=4)
     bad = read_layout(data, "msmt17").gallery[0].path
     Path(bad).write_bytes(b"not a JPEG")
     run_name = f"bad-image-{uuid.uuid4().hex[:6]}"

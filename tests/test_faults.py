@@ -35,6 +35,7 @@ import pytest
 
 from devstack.proxy import Fail, FaultProxy, Hold, Outage
 from reid_core import storage
+from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,11 +51,7 @@ log = logging.getLogger(__name__)
 def dataset(s3_server, services_stack):
     tag = uuid.uuid4().hex[:6]
     uri = f"s3://{s3_server.bucket}/faults-{tag}/msmt17"
-    subprocess.run(
-        [sys.executable, "jobs/make_dataset.py", "--out", uri, "--ids", "20", "--images-per-id", "6", "--cameras", "2"],
-        cwd=ROOT, env={**os.environ, **services_stack.full_env}, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    return uri
+    return make_synthetic(uri, ids=20, images_per_id=6, cameras=2, settings=stack_settings(s3_server))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 
 from reid_core.train.loops import NonFiniteLossError, non_finite_losses
 from reid_core.workflows.pipeline import workers_that_fit
+from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +61,7 @@ def test_workers_that_fit(nodes, bundle, strategy, expected):
 @pytest.fixture(scope="module")
 def gan_dataset(s3_server):
     data = f"s3://{s3_server.bucket}/hostile-{uuid.uuid4().hex[:6]}/msmt17"
-    env = {**os.environ, **s3_server.env()}
-    subprocess.run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "16", "--images-per-id", "8",
-                    "--cameras", "2"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)  # fmt: skip
-    return data
+    return make_synthetic(data, ids=16, images_per_id=8, cameras=2, settings=stack_settings(s3_server))
 
 
 def direct_job(services_stack, s3_server, data: str, run_name: str, *overrides: str) -> list[str]:

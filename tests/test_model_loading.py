@@ -21,6 +21,7 @@ import torch
 
 from reid_core import tracking
 from reid_core.models import build_model
+from tests.synthetic_data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (64, 32)
@@ -108,10 +109,7 @@ def test_loader_loads_pt2_models_and_leaves_sys_path_and_environment_alone(plant
 def test_evaluate_refuses_a_pickle_format_model_in_one_line(planted, tmp_path):
     model_uri = f"runs:/{planted['run_id']}/model"
     data = tmp_path / "msmt17"
-    made = subprocess.run([sys.executable, str(ROOT / "jobs/make_dataset.py"), "--out", str(data), "--ids", "4",
-                           "--images-per-id", "4", "--cameras", "2"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)  # fmt: skip
-    assert made.returncode == 0, made.stderr[-2000:]
+    make_synthetic(str(data), ids=4, images_per_id=4, cameras=2)
     proc, seconds = job("evaluate.py", ["--model", model_uri, "--data", str(data)], planted["uri"])
     assert_refused(proc, model_uri)
     assert not planted["marker"].exists()

@@ -34,6 +34,7 @@ import pytest
 from devstack.proxy import Hold
 from devstack.stack import Ports, Stack
 from reid_core.config import ConfigError, GanJobConfig, ScalingConfig, load_config
+from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -159,10 +160,7 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, s3_
     data = f"s3://{s3_server.bucket}/multinode-{tag}/msmt17"
     storage = f"s3://{s3_server.bucket}/multinode-{tag}/ray-results"
     run_name, model_name, epochs = f"mn-{tag}", f"gen-mn-{tag}", 6
-    subprocess.run(
-        [sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "16", "--images-per-id", "8",
-         "--cameras", "2"], cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    make_synthetic(data, ids=16, images_per_id=8, cameras=2, settings=stack_settings(s3_server))
 
     # The job reaches S3 through the fault proxy, which holds its data reads half-way through epoch 1 (after epoch 0's
     # checkpoint): the node is killed while the job stands still there, not raced against a running job.

@@ -298,7 +298,7 @@ def test_the_preflight_and_every_worker_build_the_same_training_set(tmp_path):
     from tests.test_evaluate_job import make_dataset
 
     data = str(tmp_path / "msmt17")
-    make_dataset(data, {})
+    make_dataset(data)
     sets = write_distractor_set(tmp_path / "distractors", 10)
     cfg = load_config(ReidJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", f"distractors.uri={sets}",
                                             "optim.identities_per_batch=2", "optim.images_per_identity=2"])  # fmt: skip
@@ -347,7 +347,7 @@ def test_the_gan_preflight_and_its_workers_read_the_same_images_and_check_the_ba
     from tests.test_evaluate_job import make_dataset
 
     data = str(tmp_path / "msmt17")
-    make_dataset(data, {})
+    make_dataset(data)
     cfg = load_config(GanJobConfig, None, [f"data.uri={data}", "data.layout=msmt17", "data.split=train",
                                            "data.max_images=20", "optim.batch_size=4"])  # fmt: skip
     records = gan_records(cfg, world_size=2)

@@ -37,14 +37,12 @@ def test_train_gan_smoke_test_through_ray_job_submit(s3_server, services_stack):
                "MLFLOW_TRACKING_TOKEN": f"planted-mlflow-token-{uuid.uuid4().hex}"}  # fmt: skip
     env = {**services_stack.full_env, **secrets}
     plain = f"s3://{s3_server.bucket}/synthetic-{tag}/msmt17"
-    run(
-        [sys.executable, "jobs/make_dataset.py", "--out", plain, "--ids", "20", "--images-per-id", "8",
-         "--cameras", "3"], env, timeout=300,
-    )  # fmt: skip
     from reid_core import storage
     from reid_core.data.shards import pack_tree
+    from tests.synthetic_data import make_synthetic, stack_settings
 
-    settings = storage.S3Settings(endpoint_url=s3_server.s3_endpoint, key="testing", secret="testing")
+    settings = stack_settings(s3_server)
+    make_synthetic(plain, ids=20, images_per_id=8, cameras=3, settings=settings)
     data = f"s3://{s3_server.bucket}/synthetic-{tag}/packed"
     pack_tree(plain, data, shard_bytes=64 * 1024, layout="msmt17", settings=settings)  # several shards
     assert len([f for f in storage.list_files(data, settings) if f.endswith(".tar")]) > 1

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.synthetic_data import make_synthetic, stack_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -59,8 +61,7 @@ def dataset_and_distractors(s3_server, env: dict, monkeypatch, *, ids: int, num_
     tag = uuid.uuid4().hex[:6]
     data = f"s3://{s3_server.bucket}/reid-{tag}/msmt17"
     distractors = f"s3://{s3_server.bucket}/reid-{tag}/distractors"
-    run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", str(ids), "--images-per-id", "8",
-         "--cameras", "3"], env, timeout=300)  # fmt: skip
+    make_synthetic(data, ids=ids, images_per_id=8, cameras=3, settings=stack_settings(s3_server))
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     write_distractor_set(distractors, num_distractors)
@@ -71,7 +72,7 @@ def test_an_incomplete_distractor_set_fails_in_one_line_before_ray(s3_env, s3_ur
     from reid_core import storage
 
     data = f"{s3_url}/msmt17"
-    run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "8", "--images-per-id", "4"], s3_env, 120)
+    make_synthetic(data, ids=8, images_per_id=4, cameras=4)  # s3_env: the standard variables point at the server
     write_distractor_set(f"{s3_url}/distractors", 4, complete=False)
     proc = run(
         [sys.executable, "jobs/train_reid.py", "--config", "configs/reid_demo.yaml", "--set", f"data.uri={data}",

@@ -24,6 +24,7 @@ from PIL import Image
 from reid_core.config import TuneJobConfig, load_config
 from reid_core.viz import lambda_heatmap_png
 from reid_core.workflows import search
+from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,10 +198,7 @@ def interrupted_search(services_stack, s3_server):
     tag = uuid.uuid4().hex[:6]
     bucket = s3_server.bucket
     data = f"s3://{bucket}/tune-{tag}/msmt17"
-    made = subprocess.run([sys.executable, "jobs/make_dataset.py", "--out", data, "--ids", "20", "--images-per-id", "8",
-                           "--cameras", "3"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert made.returncode == 0, made.stderr[-3000:]
+    make_synthetic(data, ids=20, images_per_id=8, cameras=3, settings=stack_settings(s3_server))
     name, experiment, model = f"search-{tag}", f"tune-{tag}", f"tune-reid-{tag}"
     args = ["--config", "configs/tune_demo.yaml", "--smoke-test",
             "--set", "search.lambda1=[0.0,0.05]", "--set", "search.lambda2=[0.05]",  # 2 trials,
