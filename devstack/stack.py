@@ -182,14 +182,25 @@ class ProcessRecord:
     log: str
 
     def alive(self) -> bool:
-        """True when the PID still belongs to the process we started (PIDs are reused)."""
+        """True when the PID still belongs to the process we started (PIDs are reused): its start time is the one
+        recorded, or its command line ends with the recorded command (a script's line starts with its interpreter).
+
+        The start time alone is not enough: psutil derives it from the boot time that Linux reports, which moves when
+        the wall clock is stepped. On a VM whose clock was corrected by ~20 s during a test session, every process of
+        the session's stacks looked like a stranger, ``down`` left them all running and the next run shared the cores
+        with them."""
         import psutil
 
         try:
             p = psutil.Process(self.pid)
-            return abs(p.create_time() - self.create_time) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if abs(p.create_time() - self.create_time) < 1.0:
+                return True
+            cmdline = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
+        return bool(self.cmd) and cmdline[-len(self.cmd) :] == list(self.cmd)
 
 
 @dataclass

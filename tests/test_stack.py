@@ -127,6 +127,25 @@ def test_free_ports_are_distinct():
     assert len(set(free_ports(20))) == 20
 
 
+def test_a_process_is_recognised_after_the_wall_clock_was_stepped():
+    """psutil's start times move with the wall clock (they are counted from the boot time Linux reports): a stack's
+    process is still its own when its start time is off but its command line is the recorded one; a stranger on the
+    same PID (another command line) is not; an exited process is not."""
+    from devstack.stack import ProcessRecord
+
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    proc = subprocess.Popen(cmd)
+    try:
+        started = psutil.Process(proc.pid).create_time()
+        assert ProcessRecord(proc.pid, started, cmd, "log").alive()
+        assert ProcessRecord(proc.pid, started - 21.0, cmd, "log").alive()  # the clock was stepped by 21 s
+        assert not ProcessRecord(proc.pid, started - 21.0, [sys.executable, "-c", "other"], "log").alive()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not ProcessRecord(proc.pid, started, cmd, "log").alive()
+
+
 def test_free_ports_avoid_the_ephemeral_range_and_each_other():
     """A port found free inside the kernel's ephemeral range can become an outgoing connection's local port before the
     service binds it (a test Ray head's dashboard agent failed so): ports come from outside it and outside Ray's
