@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -136,6 +137,10 @@ def test_a_process_is_recognised_after_the_wall_clock_was_stepped():
     cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
     proc = subprocess.Popen(cmd)
     try:
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).cmdline() != cmd:  # until the child has exec'd (before: the parent's line)
+            assert time.monotonic() < deadline, psutil.Process(proc.pid).cmdline()
+            time.sleep(0.05)
         started = psutil.Process(proc.pid).create_time()
         assert ProcessRecord(proc.pid, started, cmd, "log").alive()
         assert ProcessRecord(proc.pid, started - 21.0, cmd, "log").alive()  # the clock was stepped by 21 s
