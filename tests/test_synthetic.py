@@ -157,10 +157,19 @@ def test_make_dataset_smoke_test_on_s3(s3_url, s3_env, layout):
     assert "read back:" in done.stdout and f"{layout} at {s3_url}" in done.stdout
     assert len(storage.list_files(s3_url)) == len(plan(SyntheticSpec(ids=4, cameras=2, images_per_id=8, sessions=2),
                                                        layout)) + (1 if layout == "flima" else 0)  # fmt: skip
-    again = run_job(["--layout", layout, "--out", s3_url, "--smoke-test"], env)
+
+
+@pytest.mark.slow  # two job starts (the refusals do not depend on the layout: checked once, not per layout)
+def test_make_dataset_refuses_a_non_empty_target_and_bad_sizes_in_one_line(s3_url, s3_env):
+    import os
+
+    env = {**os.environ, **s3_env}
+    storage.write_bytes(f"{s3_url}/someone-elses.txt", b"keep me")
+    again = run_job(["--layout", "market1501", "--out", s3_url, "--smoke-test"], env)
     assert (
         again.returncode == 2
         and again.stderr.strip() == f"error: {s3_url} is not empty; pass --overwrite to write into it"
     )
+    assert storage.list_files(s3_url) == [f"{s3_url}/someone-elses.txt"]  # nothing written, nothing removed
     bad = run_job(["--layout", "flima", "--out", s3_url + "-x", "--ids", "3", "--images-per-id", "5"], env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: FLIMA: images_per_id=5 must be >= 4 × sessions=3")
