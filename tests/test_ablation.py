@@ -111,7 +111,7 @@ def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monke
     from tests.test_train_reid_job import dataset_and_distractors, run
 
     env = {**services_stack.full_env, "DS_ACCELERATOR": "cpu"}
-    tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=16, num_distractors=16)
+    tag, data, distractors = dataset_and_distractors(s3_server, monkeypatch, ids=16, num_distractors=16)
     name = f"abl-{tag}"
     args = [sys.executable, "jobs/ablation.py", "--config", "configs/ablation_demo.yaml"]
     sets = [f"grid.name={name}", "grid.conditions=[none,distractor_class]", "grid.recipes=[weak]", "grid.seeds=[0]",

@@ -55,7 +55,7 @@ def write_distractor_set(out: str, n: int, *, complete: bool = True) -> None:
         storage.write_bytes(f"{out}/distractors.json", json.dumps(meta).encode())
 
 
-def dataset_and_distractors(s3_server, env: dict, monkeypatch, *, ids: int, num_distractors: int):
+def dataset_and_distractors(s3_server, monkeypatch, *, ids: int, num_distractors: int):
     """A synthetic MSMT17 set (8 images per id, 3 cameras) and a distractor set under a fresh prefix of the loopback
     S3 server; the test's own process gets the S3 variables. Returns (tag, dataset URL, distractor set URL)."""
     tag = uuid.uuid4().hex[:6]
@@ -90,7 +90,7 @@ def test_train_reid_smoke_test_through_ray_job_submit(s3_server, services_stack,
     from mlflow.tracking import MlflowClient
 
     env = services_stack.full_env
-    tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=20, num_distractors=24)
+    tag, data, distractors = dataset_and_distractors(s3_server, monkeypatch, ids=20, num_distractors=24)
     runtime_env = {
         "env_vars": {**{k: v for k, v in env.items() if not k.startswith("RAY_")}, "DS_ACCELERATOR": "cpu"},
         "excludes": services_stack.runtime_env()["excludes"],
@@ -169,7 +169,7 @@ def test_train_reid_dual_stream_smoke_test_with_faces(s3_server, services_stack,
     from mlflow.tracking import MlflowClient
 
     env = services_stack.full_env
-    tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=16, num_distractors=16)
+    tag, data, distractors = dataset_and_distractors(s3_server, monkeypatch, ids=16, num_distractors=16)
     model_name = f"reid-ds-{tag}"
     proc = run(
         [
@@ -228,7 +228,7 @@ def test_train_reid_strong_recipe_from_an_official_checkpoint_in_s3(s3_server, s
     from tests.test_pretrained import TINY, official_condensenet_state
 
     env = services_stack.full_env
-    tag, data, distractors = dataset_and_distractors(s3_server, env, monkeypatch, ids=16, num_distractors=16)
+    tag, data, distractors = dataset_and_distractors(s3_server, monkeypatch, ids=16, num_distractors=16)
     checkpoint = f"s3://{s3_server.bucket}/reid-{tag}/pretrained/condensenet_tiny.pth.tar"
     buf = io.BytesIO()
     torch.save({"state_dict": {f"module.{k}": v for k, v in official_condensenet_state(**TINY).items()}}, buf)
