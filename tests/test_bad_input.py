@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import job_runner
 from tests.synthetic_data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,11 @@ def run_job(job: str, args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
                           timeout=180, cwd=ROOT / "tests", env=env)  # fmt: skip
+
+
+def run_here(job: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``run_job`` in this process (``tests/job_runner.py``): the same checks and error line, no interpreter start."""
+    return job_runner.here(job, args, cwd=ROOT / "tests")
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -70,12 +76,12 @@ def test_wrong_layout_names_the_folders_it_expected(trees):
 
 
 def test_an_empty_dataset_is_refused(trees):
-    line = one_error_line(run_job("train_gan.py", gan_args(trees, trees["empty"])))
+    line = one_error_line(run_here("train_gan.py", gan_args(trees, trees["empty"])))
     assert str(trees["empty"]) in line
 
 
 def test_unknown_layout_lists_the_layouts(trees):
-    line = one_error_line(run_job("train_gan.py", gan_args(trees, trees["v1"], "--set", "data.layout=cuhk03")))
+    line = one_error_line(run_here("train_gan.py", gan_args(trees, trees["v1"], "--set", "data.layout=cuhk03")))
     assert "cuhk03" in line and "msmt17" in line and "market1501" in line and "flima" in line
 
 

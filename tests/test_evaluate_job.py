@@ -28,6 +28,7 @@ from reid_core.evaluation.features import (
 from reid_core.metrics import evaluate_rank, evaluate_rank_reranked
 from reid_core.models import build_model
 from reid_core.workflows import evaluate as workflow
+from tests import job_runner
 from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,14 +187,14 @@ def assert_one_line(proc: subprocess.CompletedProcess, expected: str) -> None:
 )
 def test_bad_input_is_one_clear_line_before_any_work(local_msmt17, args, expected):
     full = ["--model", "models:/reid@candidate", "--data", local_msmt17, "--tracking-uri", "http://127.0.0.1:9", *args]
-    assert_one_line(run_job(full, {}), expected)
+    assert_one_line(job_runner.here("evaluate.py", full), expected)  # in this process; the registry error runs the job
 
 
 def test_missing_dataset_and_unreachable_mlflow_are_one_line(local_msmt17, tmp_path):
-    missing = run_job(["--model", "models:/reid@candidate", "--data", str(tmp_path / "nothing")], {})
+    missing = job_runner.here("evaluate.py", ["--model", "models:/reid@candidate", "--data", str(tmp_path / "nothing")])
     assert_one_line(missing, f"path does not exist: {tmp_path / 'nothing'}")
-    unreachable = run_job(["--model", "models:/reid@candidate", "--data", local_msmt17],
-                          {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # fmt: skip
+    unreachable = job_runner.here("evaluate.py", ["--model", "models:/reid@candidate", "--data", local_msmt17],
+                                  env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # fmt: skip
     assert_one_line(unreachable, "MLflow tracking server http://127.0.0.1:9 is unreachable")
 
 

@@ -10,8 +10,8 @@ its checkpoint uploads), not on the clock:
   for 4 s at the start of epoch 1's checkpoint upload; MLflow stopped from the middle of epoch 2 to the middle of
   epoch 4; the Ray Train worker process SIGKILLed half-way through epoch 5. Each of rows 1b, 3b and 4b of
   ``docs/reliability.md``;
-- ``test_stopped_job_resubmitted_with_the_same_run_name_resumes``: ``ray job stop`` half-way through epoch 2, then
-  the same command again (row 2);
+- ``test_stopped_job_resubmitted_with_the_same_run_name_resumes``: ``ray job stop`` half-way through epoch 2 (the
+  stopped job's MLflow run ends KILLED, not RUNNING), then the same command again (row 2);
 - ``test_long_s3_outage_ends_in_a_clear_error_with_the_last_checkpoint_intact`` (row 3b).
 
 Figures (fault times, progress lost) are logged at INFO: ``pytest -o log_cli=true -o log_cli_level=INFO``.
@@ -362,6 +362,7 @@ def test_stopped_job_resubmitted_with_the_same_run_name_resumes(dataset, s3_serv
     try:
         _wait_for(held.is_set, 600, "epoch 2 to start", first)
         _wait_for(lambda: _registered_epoch(s3_server, storage_uri, run_name) == 1, 120, "epoch 1 registered", first)
+        assert [r.info.status for r in _run_of(mlflow_uri, run_name)] == ["RUNNING"]
         t_stop = time.monotonic()
         first.stop()
     finally:
@@ -372,7 +373,9 @@ def test_stopped_job_resubmitted_with_the_same_run_name_resumes(dataset, s3_serv
     assert "was stopped" in first.status()
     # Nothing of the stopped job keeps running: its Ray Train workers are gone.
     _wait_for(lambda: not _train_workers(stack), 120, "the stopped job's workers to exit")
+    # `ray job stop` sent SIGTERM to the driver: its MLflow run ended KILLED rather than staying RUNNING (issue #15)
     [stopped_run] = _run_of(mlflow_uri, run_name)
+    assert stopped_run.info.status == "KILLED"
 
     second = Job(stack, s3_proxy, mlflow_uri, run_name, overrides, tmp_path)
     rc = second.wait(timeout=600)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reid_core.workflows import node_check as gpu_check
+from tests import job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,6 @@ def test_gpu_sizes_are_the_recipes():
 
 @pytest.mark.parametrize("arg", ["--steps=0", "--steps=-3"])
 def test_bad_steps_is_one_error_line(arg):
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "gpu_check.py"), arg], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = job_runner.here("gpu_check.py", [arg])  # argparse's refusal, in this process (tests/job_runner.py)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --steps")

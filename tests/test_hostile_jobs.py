@@ -1,4 +1,5 @@
-"""Issue #15 part A, as a user meets it: a run that diverges, a request the cluster can never hold, a stopped job.
+"""Issue #15 part A, as a user meets it: a run that diverges, a request the cluster can never hold (a stopped job's
+MLflow run, KILLED: tests/test_faults.py's ``ray job stop``).
 
 The fast tests check the pure parts (which losses stop a run, how many workers fit); the slow ones run
 ``jobs/train_gan.py`` directly (as a user does, ``RAY_ADDRESS`` set) against the embedded stack's Ray head, loopback
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +19,7 @@ import pytest
 
 from reid_core.train.loops import NonFiniteLossError, non_finite_losses
 from reid_core.workflows.pipeline import workers_that_fit
+from tests import job_runner
 from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,42 +144,7 @@ def test_workers_the_cluster_can_never_hold_fail_in_preflight(services_stack, s3
     print(f"unsatisfiable request: refused after {seconds:.0f} s")
 
 
-@pytest.mark.slow
-def test_a_stopped_job_does_not_leave_its_mlflow_run_running(services_stack, s3_server, gan_dataset):
-    """`ray job stop` sends SIGTERM to the driver: its MLflow run ends KILLED instead of staying RUNNING."""
-    from reid_core import tracking
-
-    run_name = f"stopped-{uuid.uuid4().hex[:6]}"
-    uri = services_stack.mlflow_uri
-    proc = subprocess.Popen(direct_job(services_stack, s3_server, gan_dataset, run_name, "--set", "optim.epochs=50"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env=job_env(services_stack))  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        run_id = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            run_id = tracking.find_run(uri, "hostile", run_name)
-            if run_id and tracking.client(uri).get_metric_history(run_id, "loss_d"):
-                break  # training is under way (an epoch was logged)
-            time.sleep(2)
-        assert proc.poll() is None and run_id, (proc.stdout.read() if proc.poll() is not None else "no run")[-4000:]
-        assert tracking.client(uri).get_run(run_id).info.status == "RUNNING"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert tracking.client(uri).get_run(run_id).info.status == "KILLED"
-
-
 # ------------------------------------------------------------------------------------------------ --smoke-test
-def run_script(job: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT / "tests", env=env)  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("job", "args", "message"),
     [
@@ -205,11 +171,10 @@ def run_script(job: str, *args: str) -> subprocess.CompletedProcess:
     ],
 )  # fmt: skip
 def test_explicit_bad_sizes_are_refused_in_one_line(tmp_path, job, args, message):
-    t0 = time.monotonic()
-    proc = run_script(job, *(a.format(tmp=tmp_path) for a in args))
+    """In this process (``tests/job_runner.py``); each job's own refusal tests run it as a subprocess too."""
+    proc = job_runner.here(job, [a.format(tmp=tmp_path) for a in args], cwd=ROOT / "tests")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.jpg")) and not list(tmp_path.rglob("*.png"))  # nothing written
-    assert time.monotonic() - t0 < 60

@@ -15,6 +15,7 @@ import pytest
 
 from reid_core import tracking
 from reid_core.workflows import registry_review
+from tests import job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +82,11 @@ def job(uri: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     return subprocess.run([sys.executable, "jobs/review_models.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
+
+
+def job_here(uri: str, *args: str) -> subprocess.CompletedProcess:
+    """``job`` in this process (``tests/job_runner.py``): the same argparse, workflow call and error line."""
+    return job_runner.here("review_models.py", list(args), env={"MLFLOW_TRACKING_URI": uri})
 
 
 def review(uri: str, command: str, **options):
@@ -173,11 +179,11 @@ def test_promotion_gate(mlflow_server, reid_model, gan_model):
 def test_unknown_model_version_and_alias_fail_in_one_line_naming_what_exists(mlflow_server, reid_model):
     line = one_error_line(job(mlflow_server, "promote", "no-such-model", "1"))
     assert "'no-such-model' does not exist" in line and reid_model in line
-    line = one_error_line(job(mlflow_server, "compare", reid_model, "1", "99"))
+    line = one_error_line(job_here(mlflow_server, "compare", reid_model, "1", "99"))
     assert "no version 99" in line and "versions: " in line and " 4, 3, 2, 1" in line
-    line = one_error_line(job(mlflow_server, "compare", reid_model, "1", "@nope"))
+    line = one_error_line(job_here(mlflow_server, "compare", reid_model, "1", "@nope"))
     assert "no alias 'nope'" in line and "its aliases: " in line
-    line = one_error_line(job(mlflow_server, "list", "--name", "no-such-model"))
+    line = one_error_line(job_here(mlflow_server, "list", "--name", "no-such-model"))
     assert "registered models:" in line
 
 
@@ -211,17 +217,17 @@ def test_promotion_gate_refuses_non_finite_values_on_either_side(mlflow_server):
     nan = register(mlflow_server, name, metrics={"loss_g": float("nan")}, data_uri=DATA_A)
     inf = register(mlflow_server, name, metrics={"loss_g": float("inf")}, data_uri=DATA_A)
     # No champion yet: a NaN does not become the bar.
-    line = one_error_line(job(mlflow_server, "promote", name, nan, "--metric", "loss_g"))
+    line = one_error_line(job_here(mlflow_server, "promote", name, nan, "--metric", "loss_g"))
     assert f"v{nan} has loss_g = nan, not a finite number" in line
     assert not c.get_registered_model(name).aliases
     review(mlflow_server, "promote", name=name, version=good, metric="loss_g")
     for version, shown in ((nan, "nan"), (inf, "inf")):
-        line = one_error_line(job(mlflow_server, "promote", name, version, "--metric", "loss_g"))
+        line = one_error_line(job_here(mlflow_server, "promote", name, version, "--metric", "loss_g"))
         assert f"loss_g = {shown}, not a finite number" in line, line
         assert c.get_model_version_by_alias(name, "champion").version == good
     # A NaN champion (forced in) blocks the gate instead of letting anything pass on a false comparison.
     review(mlflow_server, "promote", name=name, version=nan, metric="loss_g", force=True)
-    line = one_error_line(job(mlflow_server, "promote", name, good, "--metric", "loss_g"))
+    line = one_error_line(job_here(mlflow_server, "promote", name, good, "--metric", "loss_g"))
     assert f"@champion v{nan} has loss_g = nan, not a finite number: the gate cannot compare" in line
     assert c.get_model_version_by_alias(name, "champion").version == nan
 

@@ -27,6 +27,7 @@ from reid_core import storage
 from reid_core.guidance.faces import FaceDetector
 from reid_core.models import build_model
 from reid_core.workflows import distractors as workflow
+from tests import job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,6 +363,8 @@ def test_missing_alias_fails_in_one_line_naming_the_aliases(services_stack, s3_s
         f"error: registered model {name!r} has no alias 'champion' (its aliases: @candidate -> v1) in the MLflow "
         f"registry at {services_stack.mlflow_uri}"
     )
-    missing = run_job(["--model", "models:/no-such-gen/1", "--out", out], services_stack.full_env)
+    missing = job_runner.here(
+        "synthesize.py", ["--model", "models:/no-such-gen/1", "--out", out], env=services_stack.full_env
+    )  # in this process: the same preflight, no job start
     assert missing.returncode == 2 and "registered model 'no-such-gen' does not exist" in missing.stderr
     assert name in missing.stderr  # lists the registered models

@@ -15,6 +15,7 @@ from reid_core import storage
 from reid_core.data import load_image, read_layout
 from reid_core.data.synthetic import SyntheticSpec, index_files, jpeg_bytes, plan, render, write_layout
 from reid_core.guidance.faces import FaceDetector
+from tests import job_runner
 
 SPEC = SyntheticSpec(ids=6, cameras=3, images_per_id=8, sessions=2, extra_share=0.5, seed=3)
 
@@ -159,7 +160,7 @@ def test_make_dataset_smoke_test_on_s3(s3_url, s3_env, layout):
                                                        layout)) + (1 if layout == "flima" else 0)  # fmt: skip
 
 
-@pytest.mark.slow  # two job starts (the refusals do not depend on the layout: checked once, not per layout)
+@pytest.mark.slow  # one job start (the refusals do not depend on the layout: checked once, not per layout)
 def test_make_dataset_refuses_a_non_empty_target_and_bad_sizes_in_one_line(s3_url, s3_env):
     import os
 
@@ -171,5 +172,9 @@ def test_make_dataset_refuses_a_non_empty_target_and_bad_sizes_in_one_line(s3_ur
         and again.stderr.strip() == f"error: {s3_url} is not empty; pass --overwrite to write into it"
     )
     assert storage.list_files(s3_url) == [f"{s3_url}/someone-elses.txt"]  # nothing written, nothing removed
-    bad = run_job(["--layout", "flima", "--out", s3_url + "-x", "--ids", "3", "--images-per-id", "5"], env)
+    bad = job_runner.here(
+        "make_dataset.py",
+        ["--layout", "flima", "--out", s3_url + "-x", "--ids", "3", "--images-per-id", "5"],
+        env=s3_env,
+    )  # in this process: no second start
     assert bad.returncode == 2 and bad.stderr.startswith("error: FLIMA: images_per_id=5 must be >= 4 × sessions=3")

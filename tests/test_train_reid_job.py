@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import job_runner
 from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +75,15 @@ def test_an_incomplete_distractor_set_fails_in_one_line_before_ray(s3_env, s3_ur
     data = f"{s3_url}/msmt17"
     make_synthetic(data, ids=8, images_per_id=4, cameras=4)  # s3_env: the standard variables point at the server
     write_distractor_set(f"{s3_url}/distractors", 4, complete=False)
-    proc = run(
-        [sys.executable, "jobs/train_reid.py", "--config", "configs/reid_demo.yaml", "--set", f"data.uri={data}",
+    # in this process (tests/job_runner.py); tests/test_bad_input.py runs the job's refusal as a subprocess
+    proc = job_runner.here(
+        "train_reid.py",
+        ["--config", "configs/reid_demo.yaml", "--set", f"data.uri={data}",
          "--set", f"distractors.uri={s3_url}/distractors", "--set", f"run.storage={s3_url}/ray-results",
          "--set", "tracking.uri=http://127.0.0.1:9"],
-        s3_env, 120, expect=2,
+        env=s3_env,
     )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert proc.stderr.startswith(f"error: distractor set {s3_url}/distractors is incomplete: no distractors.json")
     assert not storage.exists(f"{s3_url}/ray-results")  # nothing started
