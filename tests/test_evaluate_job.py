@@ -292,11 +292,8 @@ def test_job_evaluates_on_ray_logs_and_tags(services_stack, s3_server, registere
     assert float(tags["eval.msmt17.mAP"]) == pytest.approx(second.data.metrics["mAP"], abs=1e-6)
     assert [a.path for a in client.list_artifacts(second.info.run_id, "plots")] == ["plots/cmc.png"]
 
-    # review_models gates on the evaluation's tags.
-    review = subprocess.run(
-        [sys.executable, str(ROOT / "jobs/review_models.py"), "promote", name, "1", "--metric", "eval.msmt17.mAP"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **env},
-    )  # fmt: skip
+    # review_models gates on the evaluation's tags (the job in this process: tests/job_runner.py).
+    review = job_runner.here("review_models.py", ["promote", name, "1", "--metric", "eval.msmt17.mAP"], env=env)
     assert review.returncode == 0, review.stderr
     assert f"{name} v1 is now @champion" in review.stdout and "eval.msmt17.mAP" in review.stdout
 

@@ -246,12 +246,12 @@ def test_promotion_gate_compares_where_each_metric_was_measured(mlflow_server):
         tracking.set_model_version_tags(mlflow_server, name, version, {"eval.flima.mAP": value,
                                                                        "eval.flima.data.uri": evaluated})  # fmt: skip
     review(mlflow_server, "promote", name=name, version=first, metric="eval.flima.mAP")
-    proc = job(mlflow_server, "promote", name, second, "--metric", "eval.flima.mAP")
+    proc = job_here(mlflow_server, "promote", name, second, "--metric", "eval.flima.mAP")
     assert proc.returncode == 0, proc.stderr
     assert f"0.3500 > 0.3000 of @champion v{first}, both evaluated on {evaluated}" in proc.stdout
     assert c.get_model_version_by_alias(name, "champion").version == second
     # The training-run metric of the same versions is not comparable (different training datasets), and says so.
-    line = one_error_line(job(mlflow_server, "promote", name, first, "--metric", "mAP"))
+    line = one_error_line(job_here(mlflow_server, "promote", name, first, "--metric", "mAP"))
     assert f"mAP is from its training run on {DATA_A}" in line and DATA_B in line and "not comparable" in line
     # The same evaluation name on another data.uri is not the same dataset.
     third = register(mlflow_server, name, metrics={"mAP": 0.9}, data_uri=DATA_A)

@@ -117,7 +117,6 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
     """A job run directly forwarded AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN to Ray as runtime-env variables: they
     were in the dashboard's /api/jobs/ answer and in runtime_env_agent.log (issue #15 item 7). Plant values, run a
     driver through the jobs' own ``init_ray_for_job`` against the stack's Ray head, and look for them there."""
-    import time
     import urllib.error
     import urllib.request
     import uuid
@@ -153,33 +152,12 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
             blobs[str(f)] = f.read_bytes()
         except OSError:
             continue
-    # Ray's metrics endpoint (issue #15 item 9a): Ray 2.60 binds it to every interface (it resolves the node address
-    # 127.0.0.1 to the machine's address, and binds loopback only for a loopback node) and it has no token check. What
-    # holds, as docs/reliability.md states: it serves Prometheus text only (no Ray API behind it), carrying no secret.
+    # Ray's metrics endpoint (issue #15 item 9a): Ray 2.60 binds it to every interface and answers without the token.
+    # The embedded stack turns Ray's metrics off (``Stack._ray_env``: nothing scrapes them), so nothing listens there;
+    # docs/reliability.md row 8a says what holds on a cluster that keeps them on.
     metrics_port = services_stack.ports.ray_metrics
     binds = {a for a, p, _ in stack_listeners(services_stack) if p == metrics_port}
-    assert binds, f"nothing listens on the metrics port {metrics_port}"
-    if all(is_loopback(a) for a in binds):
-        raise AssertionError(f"Ray's metrics port now binds loopback only ({binds}): update docs/reliability.md row 8a")
-    metrics = b""
-    for _ in range(30):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-                metrics = r.read()
-            break
-        except OSError:
-            time.sleep(1)
-    assert b"# TYPE ray_" in metrics, metrics[:300]
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/api/jobs/", timeout=10) as r:
-            other = r.read()
-    except urllib.error.HTTPError as exc:
-        other = exc.read()
-    # No Ray API behind the port: any path answers with the same Prometheus text (whose labels may well name job ids
-    # once jobs have run), never with the job table's JSON.
-    assert not other.lstrip().startswith((b"{", b"[")), other[:300]
-    assert other.startswith(b"# HELP") or other.startswith(b"# TYPE") or not other.strip(), other[:300]
-    blobs["metrics endpoint"] = metrics
+    assert not binds, f"Ray listens on the metrics port {metrics_port} ({binds}): update docs/reliability.md row 8a"
     leaks = sorted({(name, where) for where, blob in blobs.items() for name, value in planted.items()
                     if value.encode() in blob})  # fmt: skip
     assert not leaks, f"planted credentials found: {leaks}"

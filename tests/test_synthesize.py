@@ -243,19 +243,19 @@ def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.Comple
 
 
 @pytest.mark.parametrize(
-    ("args", "env", "expected"),
+    ("args", "env", "expected", "own_process"),
     [
-        (["--model", "reid-gen@candidate"], {}, "error: model URI 'reid-gen@candidate' is not a registry URI"),
-        (["--model", "models:/g@a", "--batch-size", "64", "--chunk-size", "100"], {}, "multiple of --batch-size"),
-        (
-            ["--model", "models:/g@a"],
-            {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
-            "error: MLflow tracking server http://127.0.0.1:9 is unreachable",
-        ),
+        (["--model", "reid-gen@candidate"], {}, "error: model URI 'reid-gen@candidate' is not a registry URI", True),
+        (["--model", "models:/g@a", "--batch-size", "64", "--chunk-size", "100"], {}, "multiple of --batch-size",
+         False),
+        (["--model", "models:/g@a"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+         "error: MLflow tracking server http://127.0.0.1:9 is unreachable", False),
     ],
-)
-def test_bad_input_is_one_clear_line_before_any_work(tmp_path, args, env, expected):
-    proc = run_job([*args, "--out", str(tmp_path / "set")], env, timeout=120)
+)  # fmt: skip
+def test_bad_input_is_one_clear_line_before_any_work(tmp_path, args, env, expected, own_process):
+    """One refusal in the job's own process (nothing else reaches stderr), the others in this one (job_runner)."""
+    full = [*args, "--out", str(tmp_path / "set")]
+    proc = run_job(full, env, timeout=120) if own_process else job_runner.here("synthesize.py", full, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert expected in proc.stderr
