@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import runpy
 import subprocess
@@ -41,13 +42,16 @@ def here(
 ) -> subprocess.CompletedProcess:
     """``python jobs/<job> ARGS`` run in this process (``runpy`` as ``__main__``): its exit status, stdout and stderr.
 
-    The environment, working folder, ``sys.argv`` and ``sys.path`` are the job's while it runs and this process's
-    again afterwards, whatever the job changed. An exception the job does not handle propagates (a real process would
-    print its traceback and exit 1): the test fails with it.
+    The environment, working folder, ``sys.argv``, ``sys.path`` and the root logger (jobs call
+    ``logging.basicConfig(force=True)``) are the job's while it runs and this process's again afterwards, whatever the
+    job changed. An exception the job does not handle propagates (a real process would print its traceback and exit
+    1): the test fails with it.
     """
     script = ROOT / "jobs" / job
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
     code: int = 0
     with mock.patch.dict(os.environ, job_env(env), clear=True):
         try:
@@ -65,4 +69,6 @@ def here(
         finally:
             sys.argv, sys.path[:] = saved_argv, saved_path
             os.chdir(saved_cwd)
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
     return subprocess.CompletedProcess([sys.executable, str(script), *args], code, out.getvalue(), err.getvalue())

@@ -1,5 +1,5 @@
-"""Issue #15 part A, as a user meets it: a run that diverges, a request the cluster can never hold (a stopped job's
-MLflow run, KILLED: tests/test_faults.py's ``ray job stop``).
+"""Issue #15 part A, as a user meets it: a run that diverges and a request the cluster can never hold. (The third, a
+stopped job whose MLflow run must end KILLED, is checked where a job is stopped: tests/test_faults.py.)
 
 The fast tests check the pure parts (which losses stop a run, how many workers fit); the slow ones run
 ``jobs/train_gan.py`` directly (as a user does, ``RAY_ADDRESS`` set) against the embedded stack's Ray head, loopback
