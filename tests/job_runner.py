@@ -1,4 +1,5 @@
-"""Run a job script the way ``python jobs/<job>.py ARGS`` runs it, as a subprocess or (``here``) in this process.
+"""Run a job script in this process the way ``python jobs/<job>.py ARGS`` runs it (``here``); ``job_env`` is the
+environment every job run of the tests starts from, in a subprocess or here.
 
 A job's refusals (bad sizes, a missing alias, a search that exists) are decided before it starts anything, by the code
 that ``runpy`` runs as ``__main__`` here just as Python does in a new process: the same argparse, checks and one
@@ -28,13 +29,6 @@ ENV_PREFIXES = ("AWS_", "MLFLOW_", "RAY_")  # the test process's own service set
 def job_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without its service settings, plus ``env``."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}, **(env or {})}
-
-
-def run(job: str, args: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT,
-        timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
-    """``python jobs/<job> ARGS`` in a new process."""
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=job_env(env))  # fmt: skip
 
 
 def here(

@@ -4,7 +4,6 @@ MLflow points at a closed port, so a job that got past its data checks would say
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ def trees(tmp_path_factory):
 
 def run_job(job: str, args: list[str]) -> subprocess.CompletedProcess:
     # No S3, MLflow or Ray settings from the caller, and a working directory without a .stack/env to fall back on.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    env = job_runner.job_env()
     return subprocess.run([sys.executable, str(ROOT / "jobs" / job), *args], capture_output=True, text=True,
                           timeout=180, cwd=ROOT / "tests", env=env)  # fmt: skip
 

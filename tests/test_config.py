@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reid_core.config import ConfigError, GanJobConfig, ReidJobConfig, load_config
+from tests import job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +68,9 @@ def test_missing_config_file():
 
 
 def run_job(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs/train_gan.py"), *args],
-        capture_output=True, text=True, timeout=120, cwd=ROOT / "tests", env={**base, **(env or {})},
+        capture_output=True, text=True, timeout=120, cwd=ROOT / "tests", env=job_runner.job_env(env),
     )  # fmt: skip
 
 

@@ -6,7 +6,6 @@ the pictures exist, the version is tagged and ``review_models.py`` gates on the 
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 import uuid
@@ -36,7 +35,7 @@ IMAGE_SIZE = (64, 32)
 
 
 def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs/evaluate.py"), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**base, **env},

@@ -7,7 +7,6 @@ S3 and MLflow server."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def direct_job(services_stack, s3_server, data: str, run_name: str, *overrides: 
 
 
 def job_env(services_stack) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    env = job_runner.job_env()
     return {**env, **services_stack.full_env, "DS_ACCELERATOR": "cpu"}
 
 

@@ -21,6 +21,7 @@ import torch
 
 from reid_core import tracking
 from reid_core.models import build_model
+from tests import job_runner
 from tests.synthetic_data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def planted(mlflow_only, tmp_path_factory):
 
 
 def job(script: str, args: list[str], uri: str) -> tuple[subprocess.CompletedProcess, float]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env={**base, "MLFLOW_TRACKING_URI": uri})  # fmt: skip

@@ -8,7 +8,6 @@ import copy
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -235,7 +234,7 @@ def test_overwrite_only_replaces_a_distractor_set(tmp_path):
 
 # ------------------------------------------------------------------------------------ the job's one-line errors
 def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs/synthesize.py"), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**base, **env},

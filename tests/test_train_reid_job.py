@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -25,7 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], env: dict, timeout: int, expect: int = 0) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     proc = subprocess.run(cmd, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, (
         f"{cmd[:3]} exited {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

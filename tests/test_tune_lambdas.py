@@ -24,6 +24,7 @@ from PIL import Image
 from reid_core.config import TuneJobConfig, load_config
 from reid_core.viz import lambda_heatmap_png
 from reid_core.workflows import search
+from tests import job_runner
 from tests.synthetic_data import make_synthetic, stack_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_heat_map_marks_missing_cells_and_checks_its_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def run_job(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     return subprocess.run([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env={**base, **env},
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
@@ -168,7 +169,7 @@ def test_concurrent_trials_lose_no_metric(services_stack, tmp_path):
 
     uri = services_stack.mlflow_uri
     experiment = f"concurrent-{uuid.uuid4().hex[:6]}"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     proc = subprocess.run([sys.executable, __file__, uri, experiment, str(tmp_path)], cwd=ROOT,
                           env={**base, **services_stack.full_env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -208,7 +209,7 @@ def interrupted_search(services_stack, s3_server):
             "--set", f"gan.data.uri={data}", "--set", f"reid.data.uri={data}",
             "--set", f"gan.run.storage=s3://{bucket}/tune-{tag}/runs", "--set", f"reid.run.storage=s3://{bucket}/tune-{tag}/runs",
             "--set", f"gan.tracking.registered_model=tune-gen-{tag}", "--set", f"reid.tracking.registered_model={model}"]  # fmt: skip
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    base = job_runner.job_env()
     log_path = Path(services_stack.root) / f"tune-{tag}-first.log"
     with open(log_path, "w") as log_file:
         first = subprocess.Popen([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env={**base, **env},
