@@ -5,9 +5,10 @@ A job's refusals (bad sizes, a missing alias, a search that exists) are decided 
 that ``runpy`` runs as ``__main__`` here just as Python does in a new process: the same argparse, checks and one
 line on stderr, without the ~4 s (more on a busy machine) a new interpreter spends importing torch, MLflow and Ray.
 What only a real process shows stays with the subprocess: each job keeps at least one refusal run that way, which
-checks that nothing else (a library's warning, a log line) reaches stderr before the error line. So do refusals that
-come after the job has connected to Ray (the λ search's and the ablation's "already exists"): Ray's client settings,
-token authentication included, are fixed once per process, and a test process is not a job's driver.
+checks that nothing else (a library's warning, a log line) reaches stderr before the error line. So would a refusal
+that came after the job connected to Ray: Ray's client settings, token authentication included, are fixed once per
+process, and a test process is not a job's driver. (The λ search and the ablation check their own state before
+anything else, so their "already exists" runs here.)
 """
 
 from __future__ import annotations

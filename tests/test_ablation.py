@@ -20,6 +20,7 @@ from reid_core.workflows.ablation import (
     summarize,
     trial_config,
 )
+from tests import job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,8 +144,9 @@ def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monke
     assert all(c.info.status == "FINISHED" and 0 <= c.data.metrics["mAP"] <= 1 for c in children)
 
     # the same name again is refused; --resume continues it (here: everything is done, nothing trains again)
-    again = run(argv, env, timeout=300, expect=2)
-    assert "already exists" in again.stderr and "--resume" in again.stderr
+    again = job_runner.here("ablation.py", argv[2:], env=env)  # refused before any data read or Ray: in this process
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    assert again.stderr.count("\n") == 1 and not again.stdout
     resumed = run(argv + ["--resume"], env, timeout=600)
     assert "2 trials, 2 complete" in resumed.stdout
     assert (

@@ -237,7 +237,8 @@ def interrupted_search(services_stack, s3_server):
     # --resume-errored too: a trial the kill (or the memory of a shared machine) turned into an error runs again
     resumed = run_job([*args, "--resume", "--resume-errored"], env, timeout=1200)
     assert resumed.returncode == 0, f"{resumed.stdout[-6000:]}\n{resumed.stderr[-6000:]}"
-    again = run_job(args, env, timeout=300)  # a third start without --resume: refused, the search exists
+    # a third start without --resume: refused, the search exists (before any data read or Ray: in this process)
+    again = job_runner.here("tune_lambdas.py", args, env=env)
     return SimpleNamespace(name=name, experiment=experiment, model=model, uri=uri, first_finished=finished,
                            killed_at=killed_at, resumed=resumed, again=again, generator=f"tune-gen-{tag}")  # fmt: skip
 

@@ -322,13 +322,20 @@ class GridPlan:
 
 
 def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: bool = False) -> GridPlan:
-    """Each recipe's re-ID stage (data, the distractor set, a pretrained checkpoint, storage, MLflow) and the grid's
-    state, before Ray starts. With ``resume`` the grid ``grid.name`` must exist (``--resume``), else it must not;
-    ``resume_errored`` only with ``resume``."""
+    """The grid's state first (with ``resume`` the grid ``grid.name`` must exist, else it must not; ``resume_errored``
+    only with ``resume``), then each recipe's re-ID stage (data, the distractor set, a pretrained checkpoint, storage,
+    MLflow, room on the Ray cluster) before any trial starts."""
     from reid_core import storage, tracking
     from reid_core.workflows import pipeline, tune_state
 
     tune_state.check_resume_flags("grid", resume=resume, resume_errored=resume_errored)  # before any I/O
+    # Whether the grid may start (or resume) first: a refused name costs one read of its state, no data read and no
+    # connection to Ray.
+    settings = storage.resolve_settings(cfg.reid.storage.endpoint_url, cfg.reid.storage.region)
+    storage.check_location(cfg.grid.storage, settings)
+    _, fs, experiment_path = tune_storage(cfg, settings)
+    tune_state.check_resume("grid", cfg.grid.name, storage.join(cfg.grid.storage, cfg.grid.name), experiment_path, fs,
+                            resume=resume)  # fmt: skip
     pres = {}
     for recipe in cfg.grid.recipes:
         reid = recipe_config(cfg.reid, cfg.strong) if recipe == "strong" else cfg.reid
@@ -337,11 +344,6 @@ def preflight(cfg: AblationJobConfig, *, resume: bool = False, resume_errored: b
         pres[recipe] = pipeline.preflight_reid(reid)
     mlflow_uri = tracking.resolve_tracking_uri(cfg.tracking.uri or pres[cfg.grid.recipes[0]].mlflow_uri)
     tracking.check_server(mlflow_uri)
-    settings = pres[cfg.grid.recipes[0]].settings
-    storage.check_location(cfg.grid.storage, settings)
-    _, fs, experiment_path = tune_storage(cfg, settings)
-    tune_state.check_resume("grid", cfg.grid.name, storage.join(cfg.grid.storage, cfg.grid.name), experiment_path, fs,
-                            resume=resume)  # fmt: skip
     return GridPlan(mlflow_uri=mlflow_uri, settings=settings)
 
 

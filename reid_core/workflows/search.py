@@ -321,22 +321,25 @@ class SearchPlan:
 
 
 def preflight(cfg: TuneJobConfig, *, resume: bool = False, resume_errored: bool = False) -> SearchPlan:
-    """Check both training stages' data, storage and MLflow, the synthesis output and the search's state before Ray
-    starts. The re-ID stage is checked without distractors (each trial makes its own set). With ``resume`` the search
-    ``search.name`` must exist (``--resume``), else it must not; ``resume_errored`` only with ``resume``."""
+    """Check the search's state first (with ``resume`` the search ``search.name`` must exist, else it must not;
+    ``resume_errored`` only with ``resume``), then both training stages' data, storage, MLflow and room on the Ray
+    cluster, and the synthesis output, before any trial starts. The re-ID stage is checked without distractors (each
+    trial makes its own set)."""
     tune_state.check_resume_flags("search", resume=resume, resume_errored=resume_errored)  # before any I/O
     s = cfg.search
+    # Whether the search may start (or resume) first: a refused name costs one read of its state, no data read and no
+    # connection to Ray.
+    settings = storage.resolve_settings(cfg.gan.storage.endpoint_url, cfg.gan.storage.region)
+    storage.check_location(s.storage, settings)
+    _, fs, experiment_path = tune_storage(cfg, settings)
+    tune_state.check_resume("search", s.name, storage.join(s.storage, s.name), experiment_path, fs, resume=resume)
     first = dataclasses.replace(cfg.gan.guidance, lambda1=s.lambda1[0], lambda2=s.lambda2[0], mode=s.guidance_modes[0])
     mlflow_uri, _ = pipeline.preflight_gan(dataclasses.replace(cfg.gan, guidance=first))
     reid = dataclasses.replace(cfg.reid, distractors=dataclasses.replace(cfg.reid.distractors, uri=None))
     pipeline.preflight_reid(reid)
-    settings = storage.resolve_settings(cfg.gan.storage.endpoint_url, cfg.gan.storage.region)
     storage.check_location(cfg.synthesis.out, settings)
-    storage.check_location(s.storage, settings)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri or mlflow_uri)
     tracking.check_server(uri)
-    _, fs, experiment_path = tune_storage(cfg, settings)
-    tune_state.check_resume("search", s.name, storage.join(s.storage, s.name), experiment_path, fs, resume=resume)
     return SearchPlan(mlflow_uri=uri, settings=settings)
 
 
