@@ -8,9 +8,9 @@ How it recovers: Ray Train V2 (Ray 2.60) supports elastic training, ``ScalingCon
 ``scaling.min_workers``). When the node dies, the worker group fails and FailureConfig restarts it; the elastic
 scaling policy starts it at the size the remaining resources allow. The policy reads the nodes from Ray's
 AutoscalingCoordinator actor, which refreshes its view every 20 s (Ray 2.60), not from the head's node table, so the
-first restart asks for 2 workers again and times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 30 s here, 60 s
-by default; a controller error, retried without counting against max_failures); the next one starts 1 worker, on the
-head. It resumes from the last checkpoint reported to S3; that one was written by 2 workers with ZeRO stage 1
+first restarts ask for 2 workers again and time out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here, 60 s
+by default; a controller error, retried without counting against max_failures); once the view is refreshed, the next
+one starts 1 worker, on the head. It resumes from the last checkpoint reported to S3; that one was written by 2 workers with ZeRO stage 1
 (partitioned optimizer state), which cannot be loaded at world size 1, so the job resumes from its world-size
 independent weights with a fresh optimizer and logs so (the world-size rule of docs/architecture.md, reid_core/train/checkpoint.py).
 No node is added back (there is no autoscaler here): the job finishes on the head alone, with half the global batch.
@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -103,7 +104,11 @@ def two_nodes(tmp_path_factory, s3_server):
     (1 CPU): two "machines" on this one. Stopped (nodes first, by PID) when the module's tests are done."""
     stack = Stack(root=tmp_path_factory.mktemp("multinode"), ports=Ports.free(), services=("mlflow", "ray"),
                   bucket=s3_server.bucket, num_cpus=1)  # fmt: skip
-    stack.up()
+    # The head declares a node dead after 3 missed health checks 1 s apart (Ray's defaults: 5, 3 s apart). A killed
+    # node refuses the check at once, so its loss is known in ~3 s instead of ~15 s; a busy but living node has each
+    # check's own timeout (10 s) to answer.
+    with mock.patch.dict(os.environ, {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}):
+        stack.up()
     try:
         deadline = time.monotonic() + 60
         while not (
@@ -176,9 +181,11 @@ def test_gan_job_loses_a_node_and_finishes_elastically(two_nodes, s3_server, s3_
             # This machine may run several Ray clusters (other tests' heads): Train V2's placement-group cleaner
             # finds its own through RAY_ADDRESS, otherwise it stops with "Found multiple active Ray instances".
             "RAY_ADDRESS": stack.ray_address,
-            # Right after the loss the head still counts the dead node's CPU, so the elastic policy first asks for
-            # 2 workers again and waits for this timeout (default 60 s) before it settles on 1: keep the wait short.
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+            # Right after the loss the elastic policy still counts the dead node's CPU (its view is refreshed every
+            # 20 s), so it asks for 2 workers again and waits this long (default 60 s) for their placement group
+            # before it tries again. The timeout covers only that wait for resources (not the workers' start), and
+            # nothing else runs on this cluster: 5 s, so that the retry after the refresh comes soon.
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
         },
         "excludes": stack.runtime_env()["excludes"],
     }
