@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from reid_core import tracking
 from reid_core.train.loops import sample_grid
+from tests import job_runner
 from tests.test_faces import person_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def grid(faces: int, count: int = 16):
 
 
 def run_job(uri: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = job_runner.job_env({"MLFLOW_TRACKING_URI": uri})
     return subprocess.run([sys.executable, "jobs/face_scores.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
 
@@ -41,8 +41,10 @@ def test_face_scores_job_recomputes_the_curves_of_a_gan_run(services_stack):
         tracking.log_png(uri, run_id, grid(faces), f"samples/epoch_{epoch:03d}.png")
     tracking.set_terminated(uri, run_id)
 
-    proc = run_job(uri, "--experiment", "face-scores-test", "--runs", "gan-a", "--image-size", "128", "64",
-                   "--samples", "16", "--run-name", "scores")  # fmt: skip
+    # The job in this process (tests/job_runner.py): it starts no Ray, so only its imports would differ.
+    proc = job_runner.here("face_scores.py", ["--experiment", "face-scores-test", "--runs", "gan-a", "--image-size",
+                                              "128", "64", "--samples", "16", "--run-name", "scores"],
+                           env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gan-a" in proc.stdout
     client = MlflowClient(uri)
@@ -53,8 +55,10 @@ def test_face_scores_job_recomputes_the_curves_of_a_gan_run(services_stack):
     assert maxima[0].value < 0.15 <= maxima[1].value
     assert [a.path for a in client.list_artifacts(analysis)] == ["face_scores.png"]
 
-    # Wrong inputs: one line, exit 2, before anything is logged.
-    unknown = run_job(uri, "--experiment", "face-scores-test", "--runs", "gan-b", "--image-size", "128", "64")
+    # Wrong inputs: one line, exit 2, before anything is logged (the second in a process of its own: nothing else on
+    # stderr).
+    unknown = job_runner.here("face_scores.py", ["--experiment", "face-scores-test", "--runs", "gan-b", "--image-size",
+                                                 "128", "64"], env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
         f"error: no run named 'gan-b' in the MLflow experiment 'face-scores-test' at {uri}"
     ]
