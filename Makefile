@@ -41,7 +41,7 @@ demo: stack-up
 # Everything, slow end-to-end tests included (CI runs this), on 2 pytest-xdist workers, a whole module at a time (its
 # module-scoped stacks stay on one worker; tests/conftest.py hands out the longest modules first). Run one test at a
 # time, the suite keeps the 2 cores only ~55% busy (end-to-end tests wait on process starts, polls and injected
-# outages): 23 min serial, 12 min 46 s on 2 workers on the 2-core VM (docs/architecture.md, "Tests").
+# outages): 23 min serial, ~11 min 30 s on 2 workers on the 2-core VM (docs/architecture.md, "Tests").
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 

@@ -8,11 +8,12 @@ How it recovers: Ray Train V2 (Ray 2.60) supports elastic training, ``ScalingCon
 ``scaling.min_workers``). When the node dies, the worker group fails and FailureConfig restarts it; the elastic
 scaling policy starts it at the size the remaining resources allow. The policy reads the nodes from Ray's
 AutoscalingCoordinator actor, which refreshes its view every 20 s (Ray 2.60), not from the head's node table, so the
-first restarts ask for 2 workers again and time out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here, 60 s
-by default; a controller error, retried without counting against max_failures); once the view is refreshed, the next
-one starts 1 worker, on the head. It resumes from the last checkpoint reported to S3; that one was written by 2 workers with ZeRO stage 1
-(partitioned optimizer state), which cannot be loaded at world size 1, so the job resumes from its world-size
-independent weights with a fresh optimizer and logs so (the world-size rule of docs/architecture.md, reid_core/train/checkpoint.py).
+first restarts ask for 2 workers again and time out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here, 60 s by
+default; a controller error, retried without counting against max_failures); once the view is refreshed, the next
+one starts 1 worker, on the head. It resumes from the last checkpoint reported to S3; that one was written by 2
+workers with ZeRO stage 1 (partitioned optimizer state), which cannot be loaded at world size 1, so the job resumes
+from its world-size independent weights with a fresh optimizer and logs so (the world-size rule of
+docs/architecture.md, reid_core/train/checkpoint.py).
 No node is added back (there is no autoscaler here): the job finishes on the head alone, with half the global batch.
 """
 
