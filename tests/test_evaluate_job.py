@@ -35,10 +35,9 @@ IMAGE_SIZE = (64, 32)
 
 
 def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    base = job_runner.job_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs/evaluate.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**base, **env},
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=job_runner.job_env(env),
     )  # fmt: skip
 
 

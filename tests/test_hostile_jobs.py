@@ -73,8 +73,7 @@ def direct_job(services_stack, s3_server, data: str, run_name: str, *overrides: 
 
 
 def job_env(services_stack) -> dict:
-    env = job_runner.job_env()
-    return {**env, **services_stack.full_env, "DS_ACCELERATOR": "cpu"}
+    return job_runner.job_env({**services_stack.full_env, "DS_ACCELERATOR": "cpu"})
 
 
 def error_lines(proc) -> list[str]:

@@ -79,10 +79,9 @@ def planted(mlflow_only, tmp_path_factory):
 
 
 def job(script: str, args: list[str], uri: str) -> tuple[subprocess.CompletedProcess, float]:
-    base = job_runner.job_env()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**base, "MLFLOW_TRACKING_URI": uri})  # fmt: skip
+                          timeout=300, cwd=ROOT, env=job_runner.job_env({"MLFLOW_TRACKING_URI": uri}))  # fmt: skip
     return proc, time.monotonic() - start
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from tests import job_runner
+
 ROOT = Path(__file__).resolve().parents[1]
 OWN_SERVERS = ("moto_server", "mlflow", "uvicorn")
 
@@ -125,8 +127,7 @@ def test_credentials_never_travel_in_a_runtime_env(services_stack, tmp_path):
                "AWS_SESSION_TOKEN": f"planted-token-{uuid.uuid4().hex}",
                "AWS_ACCESS_KEY_ID": f"planted-key-{uuid.uuid4().hex}",
                "MLFLOW_TRACKING_TOKEN": f"planted-mlflow-{uuid.uuid4().hex}"}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
-    env.update(services_stack.full_env, **planted)
+    env = job_runner.job_env({**services_stack.full_env, **planted})
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     proc = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=300,

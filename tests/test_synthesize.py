@@ -234,10 +234,9 @@ def test_overwrite_only_replaces_a_distractor_set(tmp_path):
 
 # ------------------------------------------------------------------------------------ the job's one-line errors
 def run_job(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    base = job_runner.job_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs/synthesize.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**base, **env},
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=job_runner.job_env(env),
     )  # fmt: skip
 
 

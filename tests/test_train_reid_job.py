@@ -24,8 +24,7 @@ BIN = Path(sys.executable).parent
 
 
 def run(cmd: list[str], env: dict, timeout: int, expect: int = 0) -> subprocess.CompletedProcess:
-    base = job_runner.job_env()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_runner.job_env(env), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect, (
         f"{cmd[:3]} exited {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )

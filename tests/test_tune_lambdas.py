@@ -93,8 +93,7 @@ def test_heat_map_marks_missing_cells_and_checks_its_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def run_job(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    base = job_runner.job_env()
-    return subprocess.run([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env={**base, **env},
+    return subprocess.run([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env=job_runner.job_env(env),
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
@@ -169,10 +168,9 @@ def test_concurrent_trials_lose_no_metric(services_stack, tmp_path):
 
     uri = services_stack.mlflow_uri
     experiment = f"concurrent-{uuid.uuid4().hex[:6]}"
-    base = job_runner.job_env()
-    proc = subprocess.run([sys.executable, __file__, uri, experiment, str(tmp_path)], cwd=ROOT,
-                          env={**base, **services_stack.full_env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    env = job_runner.job_env({**services_stack.full_env, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run([sys.executable, __file__, uri, experiment, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     errors = [r["error"][-3000:] for r in results if "error" in r]
@@ -209,10 +207,9 @@ def interrupted_search(services_stack, s3_server):
             "--set", f"gan.data.uri={data}", "--set", f"reid.data.uri={data}",
             "--set", f"gan.run.storage=s3://{bucket}/tune-{tag}/runs", "--set", f"reid.run.storage=s3://{bucket}/tune-{tag}/runs",
             "--set", f"gan.tracking.registered_model=tune-gen-{tag}", "--set", f"reid.tracking.registered_model={model}"]  # fmt: skip
-    base = job_runner.job_env()
     log_path = Path(services_stack.root) / f"tune-{tag}-first.log"
     with open(log_path, "w") as log_file:
-        first = subprocess.Popen([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env={**base, **env},
+        first = subprocess.Popen([sys.executable, "jobs/tune_lambdas.py", *args], cwd=ROOT, env=job_runner.job_env(env),
                                  stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         uri = services_stack.mlflow_uri
         deadline = time.monotonic() + 900
