@@ -104,6 +104,23 @@ def test_recipe_config_validates_the_strong_recipe():
         recipe_config(cfg.reid, {"model.last_stride": 4})
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resume"], "error: --resume: no grid 'abl-new' to resume at "),
+        (["--resume-errored"], "error: --resume-errored: only with --resume"),
+    ],
+)
+def test_resume_flags_are_checked_first(tmp_path, flags, message):
+    """The grid's own state is checked before its data, MLflow or Ray (none of which is set here): one line, exit 2,
+    and nothing is written to the grid's storage."""
+    state = tmp_path / "state"
+    proc = job_runner.here("ablation.py", ["--config", "configs/ablation_demo.yaml", "--set", "grid.name=abl-new",
+                                           "--set", f"grid.storage={state}", *flags])  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not proc.stdout and not state.exists()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_ablation_grid_end_to_end_and_resumable(s3_server, services_stack, monkeypatch):

@@ -120,6 +120,23 @@ def test_bad_input_is_one_line_before_ray(tmp_path, overrides, expected):
     assert not (tmp_path / "state").exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resume"], "error: --resume: no search 'search-new' to resume at "),
+        (["--resume-errored"], "error: --resume-errored: only with --resume"),
+    ],
+)
+def test_resume_flags_are_checked_first(tmp_path, flags, message):
+    """The search's own state is checked before its data, MLflow or Ray (none of which is set here): one line, exit
+    2, and nothing is written to the search's storage."""
+    state = tmp_path / "state"
+    proc = job_runner.here("tune_lambdas.py", ["--config", "configs/tune_demo.yaml", "--set", "search.name=search-new",
+                                               "--set", f"search.storage={state}", *flags])  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not proc.stdout and not state.exists()
+
+
 # ------------------------------------------------------------------------------------------------ concurrent logging
 STEPS, KEYS, TRIALS = 25, 6, 6
 
